@@ -1,0 +1,95 @@
+"""Flask app speaking Label Studio's ML-backend protocol: /health, /, /setup, /predict (and /webhook)."""
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import protocol
+from .backend import SamBackend
+from .settings import Settings
+
+log = logging.getLogger("ml_backend.http")
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise protocol.ProtocolError("request body must be a JSON object")
+    return body
+
+
+def create_app(settings: Settings | None = None, backend: SamBackend | None = None) -> Flask:
+    """Build the app; the model is loaded here, once per process (gunicorn: once per worker)."""
+    settings = settings or Settings.from_env()
+    backend = backend or SamBackend(settings)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 1024 * 1024)
+    app.extensions["sam_backend"] = backend
+
+    @app.before_request
+    def start_timer() -> None:
+        g.started = time.perf_counter()
+        g.log = {}
+
+    @app.after_request
+    def log_request(response: Response) -> Response:
+        log.info("request", extra={"method": request.method, "path": request.path, "status": response.status_code,
+                                   "ms": round(1000 * (time.perf_counter() - g.get("started", time.perf_counter())), 1),
+                                   **g.get("log", {})})
+        return response
+
+    @app.errorhandler(protocol.ProtocolError)
+    def bad_request(exc: protocol.ProtocolError):
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return jsonify(error=exc.description or exc.name), exc.code
+
+    @app.errorhandler(Exception)
+    def server_error(exc: Exception):
+        log.exception("unhandled error", extra={"path": request.path})
+        return jsonify(error=f"internal error: {type(exc).__name__}"), 500
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class="SamBackend", model=backend.segmenter.model.identity)
+
+    @app.get("/")
+    def index():
+        return jsonify(status="UP", model_class="SamBackend", model_version=backend.model_version(None),
+                       endpoints=["/health", "/setup", "/predict", "/webhook"])
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        project = protocol.project_id(body.get("project"))
+        if body.get("schema"):
+            protocol.parse_label_config(body["schema"])
+        version = backend.setup(project, body.get("hostname"), body.get("access_token"))
+        g.log = {"project": project, "model_version": version}
+        return jsonify(model_version=version)
+
+    @app.post("/predict")
+    def predict():
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise protocol.ProtocolError("tasks must be a list of task objects")
+        if len(tasks) > settings.max_tasks:
+            raise protocol.ProtocolError(f"{len(tasks)} tasks in one call; at most {settings.max_tasks} "
+                                         "(MAX_TASKS_PER_REQUEST)")
+        config = protocol.parse_label_config(body.get("label_config"))
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        context = params.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise protocol.ProtocolError("params.context must be an object or null")
+        project = protocol.project_id(body.get("project"))
+        results = backend.predict(tasks, config, project, context)
+        g.log = {"project": project, "tasks": len(tasks), "interactive": bool(context and context.get("result"))}
+        return jsonify(results=results, model_version=backend.model_version(project))
+
+    return app

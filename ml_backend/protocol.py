@@ -1,0 +1,230 @@
+"""Label Studio JSON <-> plain typed objects: label config, prompts in pixels, masks as brush RLE / polygons.
+
+Everything Label Studio-shaped (percentages, RLE, region dicts) stays in this file.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from label_studio_sdk.converter.brush import mask2rle
+from label_studio_sdk.label_interface import LabelInterface
+
+from trainer.types import Box, Mask, Point, Prompts
+
+MASK_TAGS = {"BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
+
+
+class ProtocolError(ValueError):
+    """A request Label Studio could not have meant: answered with HTTP 400 and this message."""
+
+
+@dataclass(frozen=True)
+class MaskOutput:
+    """A control the masks are written to: kind is "brushlabels" or "polygonlabels"."""
+
+    kind: str
+    from_name: str
+    to_name: str
+    labels: tuple[str, ...]
+
+    def label_for(self, prompt_label: str | None) -> str | None:
+        """The prompt's label when this control knows it (or knows no labels), else its only/first label."""
+        if prompt_label and (not self.labels or prompt_label in self.labels):
+            return prompt_label
+        return self.labels[0] if self.labels else prompt_label
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """What the backend needs from a project's labelling config."""
+
+    image_name: str
+    image_key: str
+    box_controls: tuple[str, ...]
+    point_controls: tuple[str, ...]
+    outputs: tuple[MaskOutput, ...]
+
+
+def parse_label_config(xml: str) -> LabelConfig:
+    """Find the Image, its RectangleLabels / KeyPointLabels prompts and BrushLabels / PolygonLabels outputs."""
+    if not isinstance(xml, str) or not xml.strip():
+        raise ProtocolError("label config is missing")
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:
+        raise ProtocolError(f"label config is not valid XML: {exc}") from exc
+    images = [o for o in interface.objects if o.tag == "Image"]
+    outputs = []
+    for control in interface.controls:
+        if control.tag in MASK_TAGS:
+            for to_name in control.to_name:
+                if any(image.name == to_name for image in images):
+                    outputs.append(MaskOutput(MASK_TAGS[control.tag], control.name, to_name,
+                                              tuple(control.labels or ())))
+    if not outputs:
+        raise ProtocolError("label config has no BrushLabels or PolygonLabels control on an Image: "
+                            "there is nowhere to put a mask")
+    image_name = outputs[0].to_name
+    image = next(o for o in images if o.name == image_name)
+    value = (image.value or "").lstrip("$")
+    if not value:
+        raise ProtocolError(f"Image {image_name!r} has no $value naming the task field")
+
+    def prompts_of(tag: str) -> tuple[str, ...]:
+        return tuple(c.name for c in interface.controls if c.tag == tag and image_name in c.to_name)
+
+    return LabelConfig(image_name, value, prompts_of("RectangleLabels"), prompts_of("KeyPointLabels"),
+                       tuple(o for o in outputs if o.to_name == image_name))
+
+
+def _first_label(value: dict) -> str | None:
+    for key in ("rectanglelabels", "keypointlabels", "labels", "brushlabels", "polygonlabels"):
+        labels = value.get(key)
+        if isinstance(labels, list) and labels:
+            return str(labels[0])
+    return None
+
+
+def _number(value: dict, key: str) -> float:
+    number = value.get(key)
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        raise ProtocolError(f"region value.{key} must be a finite number, got {number!r}")
+    return float(number)
+
+
+def region_to_box(region: dict, width: int, height: int) -> Box:
+    """A rectanglelabels region (percent of the image, optional rotation in degrees) -> pixel box.
+
+    A rotated rectangle becomes its axis-aligned bounding box.
+    """
+    value = region.get("value")
+    if not isinstance(value, dict):
+        raise ProtocolError("rectangle region has no value object")
+    x, y = _number(value, "x") * width / 100, _number(value, "y") * height / 100
+    w, h = _number(value, "width") * width / 100, _number(value, "height") * height / 100
+    angle = math.radians(float(value.get("rotation") or 0))
+    corners = [(0, 0), (w, 0), (w, h), (0, h)]
+    xs = [x + cx * math.cos(angle) - cy * math.sin(angle) for cx, cy in corners]
+    ys = [y + cx * math.sin(angle) + cy * math.cos(angle) for cx, cy in corners]
+    return Box(min(xs), min(ys), max(xs), max(ys), _first_label(value)).clipped(width, height)
+
+
+def region_to_point(region: dict, width: int, height: int) -> Point:
+    """A keypointlabels region (percent) -> pixel point; a missing is_positive means positive."""
+    value = region.get("value")
+    if not isinstance(value, dict):
+        raise ProtocolError("keypoint region has no value object")
+    positive = region.get("is_positive", value.get("is_positive", True))
+    return Point(_number(value, "x") * width / 100, _number(value, "y") * height / 100,
+                 positive is not False, _first_label(value))
+
+
+def _regions(items: object) -> list[dict]:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ProtocolError("a result must be a list of regions")
+    return [r for r in items if isinstance(r, dict)]
+
+
+def _is_prompt(region: dict, kind: str, controls: tuple[str, ...]) -> bool:
+    return region.get("type") == kind and (not controls or region.get("from_name") in (None, *controls))
+
+
+def _boxes_in(regions: list[dict], config: LabelConfig, width: int, height: int) -> list[Box]:
+    boxes = [region_to_box(r, width, height) for r in regions
+             if _is_prompt(r, "rectanglelabels", config.box_controls)]
+    return [b for b in boxes if not b.is_empty]
+
+
+def task_boxes(task: dict, config: LabelConfig, width: int, height: int) -> list[Box]:
+    """Boxes of the task's latest annotation that has any, else of its latest prediction that has any."""
+    for source in ("annotations", "predictions"):
+        entries = [e for e in (task.get(source) or []) if isinstance(e, dict) and not e.get("was_cancelled")]
+        entries.sort(key=lambda e: (str(e.get("updated_at") or e.get("created_at") or ""), e.get("id") or 0))
+        for entry in reversed(entries):
+            boxes = _boxes_in(_regions(entry.get("result")), config, width, height)
+            if boxes:
+                return boxes
+    return []
+
+
+def context_prompts(context: dict, config: LabelConfig, width: int, height: int) -> Prompts:
+    """Interactive prompt: the last drawn box (if any) refined by every click in the context."""
+    regions = _regions(context.get("result"))
+    boxes = _boxes_in(regions, config, width, height)
+    points = tuple(region_to_point(r, width, height) for r in regions
+                   if _is_prompt(r, "keypointlabels", config.point_controls))
+    if not boxes and not points:
+        raise ProtocolError("interactive context holds no rectanglelabels box or keypointlabels click")
+    return Prompts(boxes=tuple(boxes[-1:]), points=points)
+
+
+def task_image_url(task: dict, config: LabelConfig) -> str:
+    data = task.get("data")
+    url = data.get(config.image_key) if isinstance(data, dict) else None
+    if not isinstance(url, str) or not url:
+        raise ProtocolError(f"task {task.get('id')} has no data.{config.image_key} image URL")
+    return url
+
+
+def mask_to_polygon(mask: Mask, epsilon_px: float = 1.0) -> list[list[float]]:
+    """The largest outer contour of the mask, simplified (Douglas-Peucker), in image pixels; [] if none."""
+    crop = np.ascontiguousarray(mask.crop, dtype=np.uint8)
+    contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return []
+    contour = max(contours, key=cv2.contourArea)
+    simplified = cv2.approxPolyDP(contour, epsilon_px, True)[:, 0, :]
+    if len(simplified) < 3:
+        simplified = contour[:, 0, :]
+    if len(simplified) < 3:
+        return []
+    return [[float(x + mask.x0), float(y + mask.y0)] for x, y in simplified]
+
+
+def mask_to_regions(mask: Mask, config: LabelConfig) -> list[dict]:
+    """One Label Studio region per output control (brush RLE 0/255, polygon in percent)."""
+    height, width = mask.image_size
+    regions = []
+    region_id = uuid.uuid4().hex[:10]
+    for output in config.outputs:
+        label = output.label_for(mask.label)
+        labels = [label] if label else []
+        region = {"id": region_id, "from_name": output.from_name, "to_name": output.to_name,
+                  "type": output.kind, "original_width": width, "original_height": height,
+                  "image_rotation": 0, "score": round(float(mask.score), 4), "readonly": False}
+        if output.kind == "brushlabels":
+            full = mask.full().astype(np.uint8) * 255
+            region["value"] = {"format": "rle", "rle": mask2rle(full), "brushlabels": labels}
+        else:
+            points = mask_to_polygon(mask)
+            if not points:
+                continue
+            region["value"] = {"points": [[x * 100 / width, y * 100 / height] for x, y in points],
+                               "closed": True, "polygonlabels": labels}
+        regions.append(region)
+    return regions
+
+
+def prediction(masks: list[Mask], config: LabelConfig, model_version: str) -> dict:
+    """A task's prediction entry: all regions, the mean score, the model version."""
+    result = [region for mask in masks if mask.area > 0 for region in mask_to_regions(mask, config)]
+    score = float(np.mean([m.score for m in masks])) if masks else 0.0
+    return {"result": result, "score": round(score, 4), "model_version": model_version}
+
+
+def project_id(value: object) -> str | None:
+    """Label Studio sends project as "<id>.<timestamp>" to /setup and /predict, as an object in webhooks."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).split(".")[0].strip()
+    if not text.isdigit():
+        raise ProtocolError(f"project must be '<id>' or '<id>.<timestamp>', got {str(value)[:40]!r}")
+    return text

@@ -1,0 +1,52 @@
+"""Every setting of the backend, read from environment variables (the README's table mirrors this one)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+def _bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    label_studio_url: str | None = None      # LABEL_STUDIO_URL: where /data/upload images and annotations live
+    label_studio_api_key: str | None = None  # LABEL_STUDIO_API_KEY: legacy token or personal access token
+    model_dir: Path = Path("models")         # MODEL_DIR: fine-tuned versions, job records, embedding cache
+    sam_model: str = "lite_medsam"           # SAM_MODEL: lite_medsam | mobile_sam | vit_b | vit_l | vit_h
+    sam_checkpoint: str | None = None        # SAM_CHECKPOINT: weights file (lite_medsam: shipped default)
+    sam_checkpoint_sha256: str | None = None # SAM_CHECKPOINT_SHA256: checked before loading when set
+    device: str = "cpu"                      # DEVICE: cpu | cuda
+    encoder_bf16: bool = False               # ENCODER_BF16: bf16 autocast for the image encoder (CPU)
+    decoder_bf16: bool = False               # DECODER_BF16: bf16 autocast for the mask decoder (CPU)
+    cache_mb: float = 512.0                  # EMBEDDING_CACHE_MB: in-memory embedding cache bound
+    disk_cache: bool = True                  # EMBEDDING_DISK_CACHE: also keep embeddings under MODEL_DIR
+    torch_threads: int = 0                   # TORCH_THREADS: intra-op threads per worker (0 = torch default)
+    image_timeout_s: float = 15.0            # IMAGE_TIMEOUT_S: per image download
+    max_image_pixels: int = 40_000_000       # MAX_IMAGE_PIXELS: larger images are refused
+    max_image_bytes: int = 64 * 1024 * 1024  # MAX_IMAGE_BYTES
+    allowed_image_hosts: str = ""            # ALLOWED_IMAGE_HOSTS: comma-separated extra hosts for http(s) URLs
+    max_tasks: int = 1000                    # MAX_TASKS_PER_REQUEST
+    max_boxes: int = 500                     # MAX_BOXES_PER_TASK
+    max_body_mb: float = 32.0                # MAX_BODY_MB: request body limit
+    log_level: str = "INFO"                  # LOG_LEVEL
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        names = {"cache_mb": "EMBEDDING_CACHE_MB", "disk_cache": "EMBEDDING_DISK_CACHE",
+                 "max_tasks": "MAX_TASKS_PER_REQUEST", "max_boxes": "MAX_BOXES_PER_TASK"}
+        values = {}
+        for field in fields(cls):
+            raw = env.get(names.get(field.name, field.name.upper()))
+            if raw is None or raw == "":
+                continue
+            kind = type(field.default) if field.default is not None else str
+            try:
+                values[field.name] = (_bool(raw) if kind is bool else Path(raw) if isinstance(field.default, Path)
+                                      else kind(raw))
+            except ValueError as exc:
+                raise SystemExit(f"setting {names.get(field.name, field.name.upper())}={raw!r} is invalid: {exc}")
+        return cls(**values)

@@ -1,0 +1,59 @@
+"""Which decoder each project serves: follows the registry's active pointer on every call."""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from segment_anything.modeling import MaskDecoder
+
+from .registry import Registry, RegistryError
+from .runtime import BASE_VERSION, Segmenter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedDecoder:
+    version: str
+    module: MaskDecoder | None  # None: the base model's decoder
+
+
+class ActiveDecoders:
+    """Per project, the decoder of its active registry version, loaded once and swapped on change.
+
+    Reading the pointer is one small file read, so a version promoted by the trainer is served by every
+    worker process on its next request. A version that fails to load is refused (logged) and the
+    previously served one stays.
+    """
+
+    def __init__(self, model_dir: Path, segmenter: Segmenter) -> None:
+        self.model_dir = Path(model_dir)
+        self.segmenter = segmenter
+        self._served: dict[str, ServedDecoder] = {}
+        self._lock = threading.Lock()
+
+    def get(self, project: str | None) -> ServedDecoder:
+        base = ServedDecoder(BASE_VERSION, None)
+        if project is None:
+            return base
+        try:
+            registry = Registry(self.model_dir, project)
+        except RegistryError:
+            return base
+        wanted = registry.active() or BASE_VERSION
+        with self._lock:
+            current = self._served.get(project, base)
+            if current.version == wanted:
+                return current
+            try:
+                module = None if wanted == BASE_VERSION else self.segmenter.fine_tuned_decoder(
+                    registry.load_decoder(wanted))
+            except (RegistryError, RuntimeError) as exc:
+                log.error("decoder version refused", extra={"project": project, "version": wanted,
+                                                             "error": str(exc), "serving": current.version})
+                return current
+            self._served[project] = ServedDecoder(wanted, module)
+            log.info("decoder version served", extra={"project": project, "version": wanted})
+            return self._served[project]

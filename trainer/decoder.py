@@ -1,0 +1,126 @@
+"""SAM's mask decoder forward, rearranged for many boxes on one image.
+
+Numerically the same network as `segment_anything.modeling.MaskDecoder` (tests compare them), but:
+- the first transformer layer's projections of the image tokens are the same for every box of an
+  image, so they are computed once per image (`ImageTokens`);
+- the mask upscaling convolutions are pixel-local (2x2 stride-2 transposed convs, per-pixel norm),
+  so they run only on the grid cells around the box instead of the whole 64x64 grid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, PromptEncoder
+from segment_anything.modeling.transformer import Attention
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """Per-image work shared by all boxes. keys/key_pe: (1, HW, C); k0/v0/q0: layer-0 projections."""
+
+    keys: torch.Tensor
+    key_pe: torch.Tensor
+    k0: torch.Tensor
+    v0: torch.Tensor
+    q0: torch.Tensor
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class LowResMask:
+    """Mask logits of one prompt on a window of the low-res (4x grid) frame, top-left at (y0, x0)."""
+
+    logits: torch.Tensor
+    y0: int
+    x0: int
+    iou: float
+
+
+def prepare_image(decoder: MaskDecoder, prompt_encoder: PromptEncoder, features: torch.Tensor) -> ImageTokens:
+    """features (1, C, h, w) -> the image tokens and the layer-0 projections every prompt shares."""
+    _, c, h, w = features.shape
+    dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    keys = (features + dense).flatten(2).permute(0, 2, 1)
+    key_pe = prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
+    layer0 = decoder.transformer.layers[0]
+    return ImageTokens(
+        keys=keys, key_pe=key_pe,
+        k0=layer0.cross_attn_token_to_image.k_proj(keys + key_pe),
+        v0=layer0.cross_attn_token_to_image.v_proj(keys),
+        q0=layer0.cross_attn_image_to_token.q_proj(keys + key_pe),
+        grid=(h, w),
+    )
+
+
+def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention on already-projected q (B, Nq, D), k/v (B, Nk, D) -> out_proj output (B, Nq, C)."""
+    heads = attn.num_heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.reshape(b, n, heads, d // heads).transpose(1, 2)
+
+    q, k, v = split(q), split(k), split(v)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    out = (weights @ v).transpose(1, 2)
+    return attn.out_proj(out.reshape(out.shape[0], out.shape[1], -1))
+
+
+def _full_attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v))
+
+
+def _transformer(decoder: MaskDecoder, image: ImageTokens, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens (B, T, C) -> (queries (B, T, C), keys (B, HW, C)); TwoWayTransformer with shared layer 0."""
+    transformer = decoder.transformer
+    b = tokens.shape[0]
+    first, *rest = transformer.layers
+    query_pe, key_pe = tokens, image.key_pe
+
+    # Layer 0 (no positional encoding on the self-attention; image-side projections precomputed).
+    queries = first.norm1(_full_attend(first.self_attn, tokens, tokens, tokens))
+    q = first.cross_attn_token_to_image.q_proj(queries + query_pe)
+    queries = first.norm2(queries + _attend(first.cross_attn_token_to_image, q, image.k0.expand(b, -1, -1),
+                                            image.v0.expand(b, -1, -1)))
+    queries = first.norm3(queries + first.mlp(queries))
+    i2t = first.cross_attn_image_to_token
+    out = _attend(i2t, image.q0.expand(b, -1, -1), i2t.k_proj(queries + query_pe), i2t.v_proj(queries))
+    keys = first.norm4(image.keys + out)
+
+    for layer in rest:
+        q = queries + query_pe
+        queries = layer.norm1(queries + _full_attend(layer.self_attn, q, q, queries))
+        queries = layer.norm2(queries + _full_attend(layer.cross_attn_token_to_image, queries + query_pe,
+                                                     keys + key_pe, keys))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = layer.norm4(keys + _full_attend(layer.cross_attn_image_to_token, keys + key_pe,
+                                               queries + query_pe, queries))
+
+    out = _full_attend(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
+    return transformer.norm_final_attn(queries + out), keys
+
+
+def decode_windows(decoder: MaskDecoder, image: ImageTokens, sparse: torch.Tensor,
+                   windows: list[tuple[int, int, int, int]]) -> list[LowResMask]:
+    """sparse (B, N, C) prompt embeddings, one grid window (gy0, gx0, gy1, gx1) per prompt.
+
+    Returns the single-mask output (multimask off) of each prompt, upscaled only inside its window.
+    """
+    b = sparse.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
+    queries, keys = _transformer(decoder, image, tokens)
+    iou = decoder.iou_prediction_head(queries[:, 0, :])[:, 0]
+    hyper = decoder.output_hypernetworks_mlps[0](queries[:, 1, :])  # (B, C/8)
+    h, w = image.grid
+    src = keys.transpose(1, 2).reshape(b, -1, h, w)
+    scale = 4  # two stride-2 transposed convolutions
+    results = []
+    for i, (gy0, gx0, gy1, gx1) in enumerate(windows):
+        upscaled = decoder.output_upscaling(src[i : i + 1, :, gy0:gy1, gx0:gx1])  # (1, C/8, 4gh, 4gw)
+        logits = torch.einsum("c,chw->hw", hyper[i], upscaled[0])
+        results.append(LowResMask(logits=logits, y0=gy0 * scale, x0=gx0 * scale, iou=float(iou[i])))
+    return results

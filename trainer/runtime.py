@@ -1,0 +1,186 @@
+"""Stateless SAM runtime shared by serving and training: embed(image) -> Embedding, decode(...) -> masks."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder
+
+from .decoder import LowResMask, decode_windows, prepare_image
+from .models import LoadedModel
+from .types import Box, Embedding, Mask, Point, Prompts
+
+BASE_VERSION = "base"
+
+
+def preprocess(image: np.ndarray, model: LoadedModel) -> tuple[torch.Tensor, tuple[int, int]]:
+    """RGB uint8 (H, W, 3) -> model input (1, 3, S, S) float and the resized size (h', w') inside it.
+
+    Longest side resized to S, then normalised (LiteMedSAM: min-max to 0..1; SAM: ImageNet mean/std),
+    then zero-padded bottom/right to S x S.
+    """
+    size = model.input_size
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_h, new_w = max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    if model.normalization == "minmax":
+        x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
+    else:
+        x = (x - model.sam.pixel_mean) / model.sam.pixel_std
+    x = F.pad(x, (0, size - new_w, 0, size - new_h))
+    return x.unsqueeze(0), (new_h, new_w)
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+class Segmenter:
+    """SAM split into the expensive per-image encoder and the cheap per-prompt decoder.
+
+    Holds no per-image state, so threads can share one instance. `decode` takes the mask decoder to
+    use (a project's fine-tuned one, see `fine_tuned_decoder`), the base model's when None.
+    """
+
+    CLICK_BOX_FRACTIONS = (0.03, 0.06, 0.12, 0.25, 0.5)  # of the longest side, for clicks on box-only models
+
+    def __init__(self, model: LoadedModel, encoder_bf16: bool = False, decoder_bf16: bool = False,
+                 window_margin: float = 0.25) -> None:
+        self.model = model
+        self.encoder_bf16 = encoder_bf16
+        self.decoder_bf16 = decoder_bf16
+        self.window_margin = window_margin
+
+    @property
+    def encoder_identity(self) -> str:
+        """What an embedding depends on: the base model (the encoder is never fine-tuned)."""
+        return self.model.identity
+
+    def model_version(self, decoder_version: str = BASE_VERSION) -> str:
+        return f"{self.model.identity}@{decoder_version}"
+
+    def fine_tuned_decoder(self, state_dict: dict[str, torch.Tensor]) -> MaskDecoder:
+        """A copy of the base decoder with fine-tuned weights (strict: every tensor must fit)."""
+        module = copy.deepcopy(self.model.sam.mask_decoder)
+        module.load_state_dict(state_dict, strict=True)
+        module.eval()
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+        return module
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> Embedding:
+        """RGB uint8 (H, W, 3) -> Embedding with features (1, 256, 64, 64)."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+        x, resized = preprocess(image, self.model)
+        with _autocast(self.encoder_bf16):
+            features = self.model.sam.image_encoder(x)
+        return Embedding(features.float(), image.shape[:2], resized, self.model.input_size)
+
+    @torch.inference_mode()
+    def decode(self, embedding: Embedding, prompts: Prompts, decoder: MaskDecoder | None = None) -> list[Mask]:
+        """One mask per box (points refine a single box), or one mask for points alone.
+
+        Masks come back at the original resolution, as crops around the prompt (see `Mask`).
+        """
+        decoder = decoder or self.model.sam.mask_decoder
+        boxes = [b.clipped(embedding.original_size[1], embedding.original_size[0]) for b in prompts.boxes]
+        if prompts.points and len(boxes) > 1:
+            raise ValueError("points can refine one box at most")
+        if prompts.points and not boxes and self.model.box_only:
+            return [self._box_search(embedding, prompts.points, decoder)]
+        requests = [(box, prompts.points) for box in boxes] or ([(None, prompts.points)] if prompts.points else [])
+        if not requests:
+            return []
+        with _autocast(self.decoder_bf16):
+            image = prepare_image(decoder, self.model.sam.prompt_encoder, embedding.features)
+            masks = []
+            for box, points in requests:
+                sparse = self._prompt_embedding(embedding, box, points)
+                window = self._grid_window(embedding, box, points)
+                (low_res,) = decode_windows(decoder, image, sparse, [window])
+                masks.append(self._to_original(embedding, low_res, box, points))
+        return masks
+
+    def _box_search(self, embedding: Embedding, points: tuple[Point, ...], decoder: MaskDecoder) -> Mask:
+        """Clicks on a box-only model: try boxes of growing size around the positive clicks and keep the
+        mask with the highest predicted IoU that covers the first click."""
+        height, width = embedding.original_size
+        positive = [p for p in points if p.positive] or list(points)
+        cx, cy = np.mean([p.x for p in positive]), np.mean([p.y for p in positive])
+        label = next((p.label for p in points if p.label), None)
+        candidates = []
+        for fraction in self.CLICK_BOX_FRACTIONS:
+            r = fraction * max(height, width) / 2
+            candidates.append(Box(min([cx - r] + [p.x for p in positive]), min([cy - r] + [p.y for p in positive]),
+                                  max([cx + r] + [p.x + 1 for p in positive]),
+                                  max([cy + r] + [p.y + 1 for p in positive]), label))
+        masks = self.decode(embedding, Prompts(boxes=tuple(candidates)), decoder)
+        x, y = min(int(positive[0].x), width - 1), min(int(positive[0].y), height - 1)
+        covering = [m for m in masks if m.full()[y, x]]
+        return max(covering or masks, key=lambda m: m.score)
+
+    def _scale(self, embedding: Embedding) -> tuple[float, float]:
+        """Model-input pixels per original pixel, (y, x)."""
+        (height, width), (new_h, new_w) = embedding.original_size, embedding.resized_size
+        return new_h / height, new_w / width
+
+    def _prompt_embedding(self, embedding: Embedding, box: Box | None, points: tuple[Point, ...]) -> torch.Tensor:
+        sy, sx = self._scale(embedding)
+        box_tensor = None
+        if box is not None:
+            box_tensor = torch.tensor([[box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy]])
+        point_input = None
+        if points:
+            coords = torch.tensor([[[p.x * sx, p.y * sy] for p in points]])
+            labels = torch.tensor([[1 if p.positive else 0 for p in points]])
+            point_input = (coords, labels)
+        sparse, _ = self.model.sam.prompt_encoder(points=point_input, boxes=box_tensor, masks=None)
+        return sparse
+
+    def _grid_window(self, embedding: Embedding, box: Box | None, points: tuple[Point, ...]) -> tuple[int, int, int, int]:
+        """The decoder-grid cells (gy0, gx0, gy1, gx1) whose pixels the mask may cover."""
+        grid_h, grid_w = embedding.features.shape[-2:]
+        per_input = grid_h / embedding.input_size
+        new_h, new_w = embedding.resized_size
+        limit_y, limit_x = math.ceil(new_h * per_input), math.ceil(new_w * per_input)
+        if box is None:
+            return 0, 0, limit_y, limit_x
+        sy, sx = self._scale(embedding)
+        xs = [box.x0, box.x1] + [p.x for p in points]
+        ys = [box.y0, box.y1] + [p.y for p in points]
+        x0, x1 = min(xs) * sx * per_input, max(xs) * sx * per_input
+        y0, y1 = min(ys) * sy * per_input, max(ys) * sy * per_input
+        mx = self.window_margin * (x1 - x0) + 1
+        my = self.window_margin * (y1 - y0) + 1
+        return (max(0, math.floor(y0 - my)), max(0, math.floor(x0 - mx)),
+                min(limit_y, math.ceil(y1 + my)), min(limit_x, math.ceil(x1 + mx)))
+
+    def _to_original(self, embedding: Embedding, low_res: LowResMask, box: Box | None,
+                     points: tuple[Point, ...]) -> Mask:
+        """Bilinear resampling of the window's logits onto the original pixels it covers; threshold 0."""
+        height, width = embedding.original_size
+        grid_h = embedding.features.shape[-2]
+        low_res_per_input = 4 * grid_h / embedding.input_size
+        sy, sx = self._scale(embedding)
+        ry, rx = sy * low_res_per_input, sx * low_res_per_input  # low-res pixels per original pixel
+        ph, pw = low_res.logits.shape
+        y0, y1 = max(0, math.floor(low_res.y0 / ry)), min(height, math.ceil((low_res.y0 + ph) / ry))
+        x0, x1 = max(0, math.floor(low_res.x0 / rx)), min(width, math.ceil((low_res.x0 + pw) / rx))
+        ys = ((torch.arange(y0, y1) + 0.5) * ry - low_res.y0) * (2 / ph) - 1
+        xs = ((torch.arange(x0, x1) + 0.5) * rx - low_res.x0) * (2 / pw) - 1
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).unsqueeze(0)
+        logits = F.grid_sample(low_res.logits.float()[None, None], grid.float(), mode="bilinear",
+                               padding_mode="border", align_corners=False)[0, 0]
+        crop = (logits > 0).numpy()
+        label = box.label if box is not None else next((p.label for p in points if p.label), None)
+        return Mask(crop=crop, x0=x0, y0=y0, image_size=(height, width), score=low_res.iou, label=label)
