@@ -10,6 +10,8 @@ from werkzeug.exceptions import HTTPException
 from . import protocol
 from .backend import SamBackend
 from .settings import Settings
+from .webhooks import parse_webhook
+from .worker import Training
 
 log = logging.getLogger("ml_backend.http")
 
@@ -21,10 +23,12 @@ def _json_body() -> dict:
     return body
 
 
-def create_app(settings: Settings | None = None, backend: SamBackend | None = None) -> Flask:
+def create_app(settings: Settings | None = None, backend: SamBackend | None = None,
+               training: Training | None = None) -> Flask:
     """Build the app; the model is loaded here, once per process (gunicorn: once per worker)."""
     settings = settings or Settings.from_env()
     backend = backend or SamBackend(settings)
+    training = training or Training(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 1024 * 1024)
     app.extensions["sam_backend"] = backend
@@ -91,5 +95,24 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         results = backend.predict(tasks, config, project, context)
         g.log = {"project": project, "tasks": len(tasks), "interactive": bool(context and context.get("result"))}
         return jsonify(results=results, model_version=backend.model_version(project))
+
+    @app.post("/webhook")
+    def webhook():
+        event = parse_webhook(_json_body())
+        if event is None:
+            g.log = {"action": request.get_json(silent=True).get("action"), "ignored": True}
+            return jsonify(status="ignored")
+        event_id, job_id = training.record(event.project, event.action, event.annotations)
+        g.log = {"action": event.action, "project": event.project, "event": event_id, "job": job_id}
+        return jsonify(status="recorded", event=event_id, job=job_id)
+
+    @app.get("/train/status")
+    def train_status():
+        project = protocol.project_id(request.args.get("project"))
+        if project is None:
+            raise protocol.ProtocolError("give ?project=<id>")
+        status = training.status(project)
+        status["model_version"] = backend.model_version(project)
+        return jsonify(status)
 
     return app

@@ -95,9 +95,7 @@ class SamBackend:
 
     # -- Label Studio connection ----------------------------------------------------------------------
     def _connection_path(self, project: str) -> Path | None:
-        if not PROJECT_NAME.match(project):
-            return None
-        return self.settings.model_dir / "projects" / project / "connection.json"
+        return connection_path(self.settings, project)
 
     def _save_connection(self, project: str, hostname: str | None, access_token: str | None) -> None:
         path = self._connection_path(project)
@@ -111,11 +109,7 @@ class SamBackend:
         os.replace(tmp, path)
 
     def _connection(self, project: str | None) -> dict:
-        path = self._connection_path(project) if project else None
-        try:
-            return json.loads(path.read_text()) if path else {}
-        except (OSError, json.JSONDecodeError):
-            return {}
+        return saved_connection(self.settings, project)
 
     def _loader(self, project: str | None) -> ImageLoader:
         """Images come from LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY, else what /setup told us."""
@@ -132,3 +126,18 @@ class SamBackend:
             if key not in self._loaders:
                 self._loaders[key] = ImageLoader(source)
             return self._loaders[key]
+
+
+def connection_path(settings: Settings, project: str) -> Path | None:
+    """Where /setup's Label Studio hostname and token for a project are kept (0600)."""
+    if not PROJECT_NAME.match(project):
+        return None
+    return settings.model_dir / "projects" / project / "connection.json"
+
+
+def saved_connection(settings: Settings, project: str | None) -> dict:
+    path = connection_path(settings, project) if project else None
+    try:
+        return json.loads(path.read_text()) if path else {}
+    except (OSError, json.JSONDecodeError):
+        return {}

@@ -32,6 +32,22 @@ class Settings:
     max_boxes: int = 500                     # MAX_BOXES_PER_TASK
     max_body_mb: float = 32.0                # MAX_BODY_MB: request body limit
     log_level: str = "INFO"                  # LOG_LEVEL
+    redis_url: str | None = None             # REDIS_URL: run training jobs on RQ workers instead of embedded
+    training_runner: str = "auto"            # TRAINING_RUNNER: auto | embedded | worker | rq | off
+    min_annotations: int = 10                # MIN_ANNOTATIONS: new completed annotations that start a job
+    train_debounce_s: float = 30.0           # TRAIN_DEBOUNCE_S: quiet time after the last annotation event
+    train_epochs: int = 8                    # TRAIN_EPOCHS
+    train_objects_per_image: int = 4         # TRAIN_OBJECTS_PER_IMAGE: objects per image per epoch
+    promotion_margin: float = 0.005          # PROMOTION_MARGIN: val mIoU a new version must win by
+    keep_versions: int = 5                   # KEEP_VERSIONS: newest versions kept (plus the active one)
+
+    @property
+    def runner(self) -> str:
+        """Who runs training jobs: embedded (a thread in each backend worker), worker (a separate
+        `python -m ml_backend.worker` process), rq (RQ workers on REDIS_URL) or off."""
+        if self.training_runner != "auto":
+            return self.training_runner
+        return "rq" if self.redis_url else "embedded"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":

@@ -10,9 +10,10 @@ if [ ! -x .ls-venv/bin/label-studio ]; then
   python3 -m venv .ls-venv
   quiet .ls-venv/bin/pip install -q label-studio==1.23.2
 fi
-if ! command -v redis-server >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null 2>&1 || echo "warning: redis-server could not be installed" >&2
-  fi
+missing=""
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq $missing) >/dev/null 2>&1 || echo "warning: could not install:$missing" >&2
 fi
 exec .venv/bin/python -m pytest "$@"

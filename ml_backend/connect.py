@@ -1,0 +1,277 @@
+"""Connect this backend to Label Studio projects (POST /api/ml), once: running it again changes nothing.
+
+    python -m ml_backend.connect --project 1 [--project 2 ...] [--url http://sam-backend:9090]
+    python -m ml_backend.connect --all            every project whose labeling config the backend can serve
+
+Label Studio is reached at LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY (a legacy token or a personal access
+token); --url is the backend URL *as Label Studio sees it* (default: $BACKEND_URL, else http://localhost:9090).
+Label Studio then checks the backend's /health and /setup itself and creates the project's /webhook.
+Exit code 0 when every project is connected (now or before), 2 on any failure.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+EXIT_FAILED = 2
+DEFAULT_BACKEND_URL = "http://localhost:9090"
+DEFAULT_TITLE = "SAM (segment anything)"
+TOKEN_REFRESH_PATH = "/api/token/refresh/"
+
+
+class ConnectError(Exception):
+    """A failure with a message meant for the user."""
+
+
+class HTTPFailure(ConnectError):
+    """Label Studio answered with an HTTP error."""
+
+    def __init__(self, status: int, path: str, message: str) -> None:
+        super().__init__(f"HTTP {status} on {path}: {message}")
+        self.status = status
+
+
+def _jwt_claims(token: str) -> dict | None:
+    """The payload of a JWT (personal access tokens are JWT refresh tokens), or None for a legacy token."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _error_text(resp: requests.Response) -> str:
+    """Label Studio's error message, without HTML."""
+    try:
+        body = resp.json()
+    except ValueError:
+        text = resp.text
+    else:
+        if isinstance(body, dict):
+            detail = body.get("validation_errors") or body.get("detail") or body
+            text = json.dumps(detail) if not isinstance(detail, str) else detail
+        else:
+            text = json.dumps(body)
+    text = re.sub(r"<[^>]+>", "", text)
+    text = text.replace("\\n", " ").replace("\\\"", "\"")
+    return " ".join(text.split())[:1500]
+
+
+@dataclass
+class LabelStudio:
+    url: str
+    token: str
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self.session = requests.Session()
+        self._auth: dict[str, str] | None = None
+
+    def _headers(self) -> dict[str, str]:
+        if self._auth is None:
+            claims = _jwt_claims(self.token)
+            if claims is None:
+                self._auth = {"Authorization": f"Token {self.token}"}
+            elif claims.get("token_type") == "access":
+                self._auth = {"Authorization": f"Bearer {self.token}"}
+            else:  # a personal access token: exchange it for a short-lived access token
+                resp = self._send("POST", TOKEN_REFRESH_PATH, auth=False, json={"refresh": self.token})
+                if resp.status_code != 200:
+                    raise ConnectError(f"Label Studio refused the personal access token (HTTP {resp.status_code} "
+                                       f"from {TOKEN_REFRESH_PATH}): {_error_text(resp)}")
+                access = (resp.json() or {}).get("access")
+                if not access:
+                    raise ConnectError("Label Studio's token refresh returned no access token")
+                self._auth = {"Authorization": f"Bearer {access}"}
+        return self._auth
+
+    def _send(self, method: str, path: str, auth: bool = True, **kw: Any) -> requests.Response:
+        headers = self._headers() if auth else {}
+        try:
+            return self.session.request(method, self.url + path, headers=headers, timeout=self.timeout_s, **kw)
+        except requests.RequestException as exc:
+            raise ConnectError(f"cannot reach Label Studio at {self.url}: {exc}") from None
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        resp = self._send(method, path, **kw)
+        if resp.status_code == 401:
+            hint = ("legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on Label Studio"
+                    if _jwt_claims(self.token) is None else "the personal access token may have expired or been revoked")
+            raise ConnectError(f"Label Studio rejected LABEL_STUDIO_API_KEY (HTTP 401 on {path}): {hint}")
+        if resp.status_code >= 400:
+            raise HTTPFailure(resp.status_code, path, _error_text(resp))
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            raise ConnectError(f"{self.url}{path} did not answer JSON (HTTP {resp.status_code}): is "
+                               f"{self.url} Label Studio's URL?") from None
+
+    def wait_healthy(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        last = "no answer"
+        while True:
+            try:
+                resp = self.session.get(self.url + "/health", timeout=5)
+                if resp.status_code == 200:
+                    return
+                last = f"HTTP {resp.status_code}"
+            except requests.RequestException as exc:
+                last = str(exc)
+            if time.monotonic() >= deadline:
+                raise ConnectError(f"Label Studio at {self.url} not healthy within {seconds:.0f} s ({last})")
+            time.sleep(2)
+
+
+def _same_url(a: str, b: str) -> bool:
+    return a.strip().rstrip("/").lower() == b.strip().rstrip("/").lower()
+
+
+def _check_config(project: dict) -> str | None:
+    """Why the backend cannot serve this project's labeling config, or None when it can."""
+    from .protocol import ProtocolError, parse_label_config
+
+    try:
+        parse_label_config(project.get("label_config") or "")
+    except ProtocolError as exc:
+        return str(exc)
+    return None
+
+
+def connect_project(ls: LabelStudio, project_id: int, backend_url: str, title: str,
+                    interactive: bool) -> tuple[str, int]:
+    """Connect one project; returns ("connected" | "already connected", ML backend id)."""
+    try:
+        project = ls.call("GET", f"/api/projects/{project_id}")
+    except HTTPFailure as exc:
+        if exc.status == 404:
+            raise ConnectError(f"project {project_id} does not exist on {ls.url} "
+                               "(or this token's user cannot see it)") from None
+        raise
+    problem = _check_config(project)
+    if problem:
+        raise ConnectError(f"project {project_id} ({project.get('title')!r}): its labeling config cannot be "
+                           f"served by the SAM backend: {problem}. It needs an Image, RectangleLabels (and/or "
+                           "KeyPointLabels) prompts and a BrushLabels or PolygonLabels output on that image.")
+    existing = ls.call("GET", "/api/ml", params={"project": project_id}) or []
+    for ml in existing:
+        if _same_url(ml.get("url", ""), backend_url):
+            return "already connected", int(ml["id"])
+    body = {"url": backend_url, "project": project_id, "title": title, "is_interactive": interactive}
+    try:
+        created = ls.call("POST", "/api/ml", json=body)
+    except HTTPFailure as exc:
+        hints = []
+        text = str(exc).lower()
+        if "not allowed" in text or "private network" in text or exc.status == 403:
+            hints.append("Label Studio blocks private/loopback backend URLs unless it runs with "
+                         "ML_BLOCK_LOCAL_IP=false (and SSRF_PROTECTION_ENABLED=false for the /webhook)")
+        if "can't connect" in text or "health check" in text or "can't resolve" in text:
+            hints.append(f"Label Studio could not reach {backend_url}: --url must be the backend's URL as seen "
+                         "from the Label Studio server (in docker-compose: http://sam-backend:9090)")
+        if "setup" in text or "valid ml backend" in text:
+            hints.append("the backend answered /setup with an error: see its log")
+        raise ConnectError(f"Label Studio refused to connect project {project_id} to {backend_url}: {exc}"
+                           + "".join(f"\n  hint: {h}" for h in hints)) from None
+    return "connected", int(created["id"])
+
+
+def _all_projects(ls: LabelStudio) -> list[dict]:
+    projects: list[dict] = []
+    page = 1
+    while True:
+        try:
+            body = ls.call("GET", "/api/projects", params={"page": page, "page_size": 100})
+        except HTTPFailure as exc:
+            if exc.status == 404 and page > 1:  # past the last page
+                break
+            raise
+        batch = body.get("results", []) if isinstance(body, dict) else body
+        projects.extend(batch)
+        if not isinstance(body, dict) or not body.get("next") or not batch:
+            break
+        page += 1
+    return projects
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ml_backend.connect",
+                                     description="Connect the SAM backend to Label Studio projects (idempotent).")
+    parser.add_argument("--project", type=int, action="append", default=[], metavar="ID",
+                        help="project id (repeatable)")
+    parser.add_argument("--all", action="store_true",
+                        help="every project whose labeling config the backend can serve (others are skipped)")
+    parser.add_argument("--url", default=os.environ.get("BACKEND_URL") or DEFAULT_BACKEND_URL,
+                        help="the backend's URL as Label Studio reaches it (default: $BACKEND_URL or %(default)s)")
+    parser.add_argument("--title", default=DEFAULT_TITLE, help="name of the model in Label Studio")
+    parser.add_argument("--no-interactive", dest="interactive", action="store_false",
+                        help="no interactive pre-annotations (auto-annotation in the editor)")
+    parser.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
+                        help="default: $LABEL_STUDIO_URL")
+    parser.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                        help="default: $LABEL_STUDIO_API_KEY (legacy token or personal access token)")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to this long for Label Studio's /health first")
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_FAILED
+
+    if not args.project and not args.all:
+        return fail("name a project with --project ID (repeatable) or use --all")
+    if not args.label_studio_url:
+        return fail("Label Studio's URL is unknown: set LABEL_STUDIO_URL or pass --label-studio-url")
+    if not args.api_key:
+        return fail("no Label Studio token: set LABEL_STUDIO_API_KEY or pass --api-key")
+    if not re.match(r"^https?://[^/\s]+", args.url):
+        return fail(f"--url {args.url!r} is not an http(s) URL")
+
+    ls = LabelStudio(args.label_studio_url, args.api_key)
+    failures = 0
+    try:
+        if args.wait > 0:
+            ls.wait_healthy(args.wait)
+        try:
+            ls.call("GET", "/api/current-user/whoami")
+        except HTTPFailure as exc:
+            raise ConnectError(f"{exc} (is {ls.url} Label Studio's URL?)") from None
+        targets = list(dict.fromkeys(args.project))
+        if args.all:
+            for project in _all_projects(ls):
+                problem = _check_config(project)
+                if problem and project["id"] not in targets:
+                    print(f"skipped project {project['id']} ({project.get('title')!r}): {problem}")
+                elif project["id"] not in targets:
+                    targets.append(project["id"])
+            if not targets:
+                print("no project to connect")
+    except ConnectError as exc:
+        return fail(str(exc))
+    for project_id in targets:
+        try:
+            outcome, ml_id = connect_project(ls, project_id, args.url, args.title, args.interactive)
+        except ConnectError as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        print(f"project {project_id}: {outcome} to {args.url} (ML backend id {ml_id})")
+    return EXIT_FAILED if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""`python -m trainer` end to end on a tiny COCO subset of dsb2018 (real LiteMedSAM weights)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET = REPO.parent / "shared" / "datasets" / "dsb2018_nuclei"
+SUBSET = {"train": [4, 12, 25], "val": [93], "test": [62]}  # small 256x256 images, 3-4 nuclei each
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
+    env["LOG_LEVEL"] = "WARNING"
+    done = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def last_json(done: subprocess.CompletedProcess) -> dict:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A COCO folder with 5 images (symlinks), their annotations and splits.json."""
+    folder = tmp_path_factory.mktemp("coco")
+    (folder / "images").mkdir()
+    full = json.loads((DATASET / "annotations.json").read_text())
+    ids = {i for split in SUBSET.values() for i in split}
+    images = [i for i in full["images"] if i["id"] in ids]
+    for image in images:
+        (folder / "images" / image["file_name"]).symlink_to(DATASET / "images" / image["file_name"])
+    annotations = [a for a in full["annotations"] if a["image_id"] in ids]
+    (folder / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": full["categories"]}))
+    (folder / "splits.json").write_text(json.dumps(SUBSET))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(coco: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """Two training runs: v0001 forced through the gate (margin -1), v0002 held back (margin 1)."""
+    model_dir = tmp_path_factory.mktemp("models")
+    common = ["--data", str(coco), "--project", "nuclei", "--model-dir", str(model_dir),
+              "--max-objects-per-image", "2", "--json"]
+    first = last_json(run("train", *common, "--epochs", "2", "--margin", "-1"))
+    second = last_json(run("train", *common, "--epochs", "1", "--margin", "1"))
+    return model_dir, first, second
+
+
+def test_train_reports_and_gates(trained: tuple[Path, dict, dict]) -> None:
+    model_dir, first, second = trained
+    for report in (first, second):
+        assert {"version", "promoted", "reason", "val_miou_base", "val_miou_new"} <= set(report)
+        assert 0 < report["val_miou_base"] <= 1 and 0 < report["val_miou_new"] <= 1
+    assert first["version"] == "v0001" and first["promoted"] is True and first["compared_with"] == "base"
+    assert second["version"] == "v0002" and second["promoted"] is False and "does not beat" in second["reason"]
+    assert second["compared_with"] == "v0001" and second["active"] == "v0001"
+    assert second["val_miou_base"] == pytest.approx(first["val_miou_new"], abs=1e-4)  # same decoder, same val
+    assert second["embeddings_computed"] == 0  # cached on disk by the first run, under the serving key
+    manifest = json.loads((model_dir / "projects/nuclei/versions/v0002/manifest.json").read_text())
+    assert manifest["parent"] == "v0001" and manifest["promoted"] is False
+    assert manifest["base_model"]["identity"].startswith("lite_medsam-")
+    assert manifest["hyperparameters"]["lr"] == 1e-4 and manifest["hyperparameters"]["loss"] == "dice-bce"
+    assert manifest["data"]["splits"]["train"] == {"images": 3, "objects": 11}
+    assert [c["epoch"] for c in manifest["metrics"]["curves"]] == [1]
+    assert [c["epoch"] for c in first["curves"]] == [1, 2]
+    assert (model_dir / "projects/nuclei/versions/v0002/decoder.safetensors").stat().st_size > 10_000_000
+
+
+def test_versions_activate_rollback(trained: tuple[Path, dict, dict]) -> None:
+    model_dir = str(trained[0])
+    where = ["--project", "nuclei", "--model-dir", model_dir, "--json"]
+    listing = last_json(run("versions", *where))
+    assert listing["active"] == "v0001" and [v["version"] for v in listing["versions"]] == ["v0001", "v0002"]
+    assert [v["promoted"] for v in listing["versions"]] == [True, False]
+    assert last_json(run("activate", "v0002", *where))["active"] == "v0002"
+    assert last_json(run("rollback", *where))["active"] == "v0001"
+    assert last_json(run("activate", "base", *where))["active"] is None
+    assert last_json(run("rollback", *where))["active"] == "v0001"
+    human = run("versions", "--project", "nuclei", "--model-dir", model_dir).stdout
+    assert "* v0001" in human and "v0002" in human
+
+
+def test_eval(trained: tuple[Path, dict, dict], coco: Path) -> None:
+    where = ["--data", str(coco), "--project", "nuclei", "--model-dir", str(trained[0]), "--json"]
+    base = last_json(run("eval", *where, "--split", "val", "--version", "base"))
+    assert base["version"] == "base" and base["n_objects"] == 3
+    assert base["miou"] == pytest.approx(trained[1]["val_miou_base"], abs=1e-4)  # eval == the gate's metric
+    test = last_json(run("eval", *where, "--split", "test", "--version", "v0001"))
+    assert test["n_objects"] == 3 and 0 < test["miou"] <= 1 and test["model_version"].endswith("@v0001")
+    assert test["per_label"]["nucleus"]["n_objects"] == 3
+    assert sum(g["n_objects"] for g in test["by_size"].values()) == 3 and set(test["by_size"]) == {"small", "medium", "large"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--split", "test", "--version", "v0099"], "no version v0099"),
+    (["activate", "v0042"], "no version v0042"),
+    (["activate", "latest"], "not a version id"),
+    (["train", "--data", "/no/such/folder"], "data path not found"),
+    (["eval", "--data", "/no/such/folder"], "data path not found"),
+    (["versions", "--project", "../etc"], "project name"),
+    (["train", "--data", "ls://12"], "LABEL_STUDIO_URL"),
+])
+def test_errors_are_one_line_exit_2(args: list[str], message: str, trained: tuple[Path, dict, dict], coco: Path) -> None:
+    options = {"--data": str(coco), "--project": "nuclei", "--model-dir": str(trained[0])}
+    if args[0] in ("activate", "versions"):
+        options.pop("--data")
+    for key in args:
+        options.pop(key, None)
+    extra = [x for pair in options.items() for x in pair]
+    done = run(*args, *extra, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr
+
+
+def test_rollback_without_history_fails_cleanly(tmp_path: Path) -> None:
+    done = run("rollback", "--project", "empty", "--model-dir", str(tmp_path), check=False)
+    assert done.returncode == 2 and "no earlier version" in done.stderr

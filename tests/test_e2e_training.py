@@ -1,0 +1,113 @@
+"""End to end: Label Studio webhooks -> training job -> promoted version -> better predictions.
+
+Also: kill -9 of the training process mid-run leaves a consistent state and the served version unharmed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import requests
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+
+from tests import dataset
+from tests.backend_server import start_backend
+from tests.label_studio import rect_result
+
+TRAIN_IMAGES = dataset.splits()["train"][:10]
+HELD_OUT = dataset.splits()["test"][:6]
+
+
+def brush_result(image_id: int) -> list[dict]:
+    info = dataset.image_info(image_id)
+    return [{"id": f"m{a['id']}", "from_name": "mask", "to_name": "image", "type": "brushlabels",
+             "original_width": info["width"], "original_height": info["height"], "image_rotation": 0,
+             "value": {"format": "rle", "rle": mask2rle(dataset.gt_mask(a).astype(np.uint8) * 255),
+                       "brushlabels": ["nucleus"]}} for a in dataset.annotations(image_id)]
+
+
+def box_result(image_id: int) -> list[dict]:
+    info = dataset.image_info(image_id)
+    return [rect_result(*a["bbox"], info["width"], info["height"], "nucleus") for a in dataset.annotations(image_id)]
+
+
+def held_out_miou(label_studio, task_ids: list[int], version_suffix: str) -> float:
+    ious = []
+    for task_id, image_id in zip(task_ids, HELD_OUT):
+        predictions = [p for p in label_studio.predictions(task_id) if p["model_version"].endswith(version_suffix)]
+        assert len(predictions) == 1, f"task {task_id}: {[p['model_version'] for p in label_studio.predictions(task_id)]}"
+        for region, annotation in zip(predictions[0]["result"], dataset.annotations(image_id)):
+            h, w = region["original_height"], region["original_width"]
+            mask = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] == 255
+            ious.append(dataset.iou(mask, dataset.gt_mask(annotation)))
+    return float(np.mean(ious))
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, tmp_path_factory):
+    root = tmp_path_factory.mktemp("training-backend")
+    env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "MODEL_DIR": str(root / "models"), "WORKERS": "2", "THREADS": "4", "MIN_ANNOTATIONS": str(len(TRAIN_IMAGES)),
+           "TRAIN_DEBOUNCE_S": "2", "TRAIN_EPOCHS": "2", "TRAIN_OBJECTS_PER_IMAGE": "4"}
+    with start_backend(env, root / "gunicorn.log") as url:
+        yield url, root / "models"
+
+
+def test_webhooks_train_promote_and_serve_better_masks(label_studio, ls_project, backend):
+    url, model_dir = backend
+    train_ids = label_studio.upload_images(ls_project, [dataset.image_path(i) for i in TRAIN_IMAGES])
+    held_ids = label_studio.upload_images(ls_project, [dataset.image_path(i) for i in HELD_OUT])
+    for task_id, image_id in zip(train_ids, TRAIN_IMAGES):  # masks done before the backend was connected
+        label_studio.create_annotation(task_id, brush_result(image_id))
+    ml_id = label_studio.connect_ml_backend(ls_project, url)
+    status = lambda: requests.get(f"{url}/train/status", params={"project": ls_project}, timeout=5).json()
+
+    for task_id, image_id in zip(held_ids, HELD_OUT):  # box-only: prompts, never training data
+        label_studio.create_annotation(task_id, box_result(image_id))
+    label_studio.retrieve_predictions(ls_project)
+    base_miou = held_out_miou(label_studio, held_ids, "@base")
+    assert status()["events_recorded"] == len(HELD_OUT) and status()["queued"] is None
+
+    # "Start Training", then kill -9 the training process while it runs
+    label_studio.start_training(ml_id)
+    running = wait_for(lambda: (status()["running"] or {}).get("pid"), 60, "a running job with a pid")
+    time.sleep(3)
+    os.kill(running, signal.SIGKILL)
+    failed = wait_for(lambda: status()["last"], 60, "the killed job to be recorded")
+    assert failed["state"] == "failed" and "SIGKILL" in failed["error"]
+    after_kill = status()
+    assert after_kill["running"] is None and after_kill["active_version"] == "base"
+    assert not [v for v in after_kill["versions"] if v["promoted"]]
+    setup = requests.post(f"{url}/setup", json={"project": f"{ls_project}.1"}, timeout=5).json()
+    assert setup["model_version"].endswith("@base")
+
+    # corrected masks arrive as ANNOTATION_CREATED webhooks; MIN_ANNOTATIONS of them start a job
+    for task_id, image_id in zip(train_ids, TRAIN_IMAGES):
+        label_studio.create_annotation(task_id, brush_result(image_id))
+    done = wait_for(lambda: (lambda s: s["last"] if s["last"] and s["last"]["id"] != failed["id"] else None)(status()),
+                    600, "the annotation-triggered job", interval=2)
+    assert done["state"] == "succeeded", done
+    result = done["result"]
+    assert result["promoted"], result
+    version = result["version"]
+    for _ in range(6):  # every gunicorn worker serves the promoted version
+        reported = requests.post(f"{url}/setup", json={"project": f"{ls_project}.1"}, timeout=5).json()
+        assert reported["model_version"].endswith(f"@{version}")
+
+    label_studio.retrieve_predictions(ls_project)
+    new_miou = held_out_miou(label_studio, held_ids, f"@{version}")
+    print(f"held-out mIoU base {base_miou:.3f} -> {version} {new_miou:.3f}; job result {result}")
+    assert new_miou > base_miou + 0.01

@@ -1,0 +1,214 @@
+"""Training jobs: durable event and job records (SQLite under MODEL_DIR), coalescing, one trainer at a time.
+
+- Every webhook event is committed to `events` before the backend answers.
+- Per project at most one job is queued: events that arrive while a job is queued join it; events that
+  arrive while one runs create (or join) the single follow-up job.
+- `claim_due` hands a due job to exactly one runner; runners hold `training.lock` (flock) while a job runs,
+  so one training process runs at a time across all processes sharing MODEL_DIR.
+- A job left "running" by a process that died is found by `recover` (run while holding the lock, when no
+  one else can be running) and marked failed, never left stuck.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, project TEXT NOT NULL, action TEXT NOT NULL,
+    annotations INTEGER NOT NULL, received_at REAL NOT NULL, job_id INTEGER);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, project TEXT NOT NULL, state TEXT NOT NULL,
+    trigger TEXT NOT NULL, created_at REAL NOT NULL, not_before REAL NOT NULL,
+    started_at REAL, finished_at REAL, pid INTEGER, result TEXT, error TEXT);
+CREATE INDEX IF NOT EXISTS jobs_project_state ON jobs (project, state);
+CREATE INDEX IF NOT EXISTS events_project_job ON events (project, job_id);
+"""
+ACTIVE_STATES = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    project: str
+    state: str
+    trigger: str
+    created_at: float
+    not_before: float
+    started_at: float | None
+    finished_at: float | None
+    pid: int | None
+    result: dict | None
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Job":
+        data = dict(row)
+        data["result"] = json.loads(data["result"]) if data["result"] else None
+        return cls(**data)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class TriggerPolicy:
+    """START_TRAINING always schedules at once; annotation events once `min_annotations` new completed
+    annotations are pending, after `debounce_s` of quiet (each new event pushes the start back)."""
+
+    min_annotations: int = 10
+    debounce_s: float = 30.0
+
+
+class JobStore:
+    """Event and job records in one SQLite file (WAL; a commit is durable before it returns)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            yield db
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    # -- events -> jobs -----------------------------------------------------------------------------
+    def record_event(self, project: str, action: str, annotations: int, policy: TriggerPolicy,
+                     now: float | None = None) -> tuple[int, int | None]:
+        """Commit the event and apply the trigger policy; returns (event id, job id it joined or None)."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            event_id = db.execute("INSERT INTO events (project, action, annotations, received_at) VALUES (?,?,?,?)",
+                                  (project, action, annotations, now)).lastrowid
+            queued = db.execute("SELECT * FROM jobs WHERE project=? AND state='queued'", (project,)).fetchone()
+            if action == "START_TRAINING":
+                not_before = now
+            elif queued is not None and queued["trigger"] == "START_TRAINING":
+                not_before = queued["not_before"]  # an explicit request is not delayed by later edits
+            else:
+                pending = db.execute("SELECT COALESCE(SUM(annotations), 0) FROM events WHERE project=? AND "
+                                     "job_id IS NULL", (project,)).fetchone()[0]
+                if queued is None and pending < policy.min_annotations:
+                    return event_id, None
+                not_before = now + policy.debounce_s  # debounce: wait for a quiet moment
+            if queued is None:
+                job_id = db.execute("INSERT INTO jobs (project, state, trigger, created_at, not_before) "
+                                    "VALUES (?, 'queued', ?, ?, ?)", (project, action, now, not_before)).lastrowid
+            else:
+                job_id = queued["id"]
+                trigger = "START_TRAINING" if action == "START_TRAINING" else queued["trigger"]
+                db.execute("UPDATE jobs SET not_before=?, trigger=? WHERE id=?", (not_before, trigger, job_id))
+            db.execute("UPDATE events SET job_id=? WHERE project=? AND job_id IS NULL", (job_id, project))
+            return event_id, job_id
+
+    def claim_due(self, pid: int, now: float | None = None) -> Job | None:
+        """Mark the oldest due queued job running (for process pid) and return it."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE state='queued' AND not_before<=? ORDER BY not_before, id "
+                             "LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state='running', started_at=?, pid=? WHERE id=?", (now, pid, row["id"]))
+            return self.job(row["id"], db)
+
+    def set_pid(self, job_id: int, pid: int) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET pid=? WHERE id=?", (pid, job_id))
+
+    def finish(self, job_id: int, state: str, result: dict | None = None, error: str | None = None) -> None:
+        """Record a running job's end (succeeded or failed); a job already ended is left as it is."""
+        assert state in ("succeeded", "failed")
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET state=?, finished_at=?, result=?, error=? WHERE id=? AND state='running'",
+                       (state, time.time(), json.dumps(result) if result is not None else None, error, job_id))
+
+    def recover(self, reason: str = "interrupted: the training process died") -> list[int]:
+        """Fail every job still marked running. Only call while holding the training lock."""
+        with self._connect() as db:
+            if db.execute("SELECT COUNT(*) FROM jobs WHERE state='running'").fetchone()[0] == 0:
+                return []
+        with self._transaction() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state='running'")]
+            db.execute("UPDATE jobs SET state='failed', finished_at=?, error=? WHERE state='running'",
+                       (time.time(), reason))
+        return ids
+
+    # -- reading ------------------------------------------------------------------------------------
+    def job(self, job_id: int, db: sqlite3.Connection | None = None) -> Job | None:
+        if db is None:
+            with self._connect() as db:
+                return self.job(job_id, db)
+        row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def jobs(self, project: str | None = None, limit: int = 100) -> list[Job]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE (? IS NULL OR project=?) ORDER BY id DESC LIMIT ?",
+                              (project, project, limit)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def count_events(self, project: str | None = None) -> int:
+        with self._connect() as db:
+            return db.execute("SELECT COUNT(*) FROM events WHERE (? IS NULL OR project=?)",
+                              (project, project)).fetchone()[0]
+
+    def pending_annotations(self, project: str) -> int:
+        with self._connect() as db:
+            return db.execute("SELECT COALESCE(SUM(annotations), 0) FROM events WHERE project=? AND job_id IS NULL",
+                              (project,)).fetchone()[0]
+
+    def status(self, project: str) -> dict:
+        """Current and queued jobs, the last finished one, recent errors, annotations waiting for a job."""
+        jobs = self.jobs(project, limit=50)
+        finished = [j for j in jobs if j.state in ("succeeded", "failed")]
+        return {"running": next((j.as_dict() for j in jobs if j.state == "running"), None),
+                "queued": next((j.as_dict() for j in jobs if j.state == "queued"), None),
+                "last": finished[0].as_dict() if finished else None,
+                "recent_errors": [{"job": j.id, "finished_at": j.finished_at, "error": j.error}
+                                  for j in finished if j.state == "failed"][:5],
+                "pending_annotations": self.pending_annotations(project),
+                "events_recorded": self.count_events(project)}
+
+
+@contextlib.contextmanager
+def training_lock(model_dir: Path | str, blocking: bool = False) -> Iterator[int | None]:
+    """The cross-process lock a runner holds while a job runs; yields the fd, or None when it is taken."""
+    path = Path(model_dir) / "training.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield None
+            return
+        yield fd
+    finally:
+        os.close(fd)
