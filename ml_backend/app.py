@@ -8,7 +8,9 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import protocol
+from .auth import install_auth
 from .backend import SamBackend
+from .images import parse_allowed_hosts
 from .settings import Settings
 from .webhooks import parse_webhook
 from .worker import Training
@@ -27,6 +29,10 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
                training: Training | None = None) -> Flask:
     """Build the app; the model is loaded here, once per process (gunicorn: once per worker)."""
     settings = settings or Settings.from_env()
+    try:
+        parse_allowed_hosts(settings.allowed_image_hosts)
+    except ValueError as exc:
+        raise SystemExit(f"ALLOWED_IMAGE_HOSTS: {exc}") from None
     backend = backend or SamBackend(settings)
     training = training or Training(settings)
     app = Flask(__name__)
@@ -44,6 +50,8 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
                                    "ms": round(1000 * (time.perf_counter() - g.get("started", time.perf_counter())), 1),
                                    **g.get("log", {})})
         return response
+
+    install_auth(app, settings.basic_auth_user, settings.basic_auth_pass, settings.auth_token)
 
     @app.errorhandler(protocol.ProtocolError)
     def bad_request(exc: protocol.ProtocolError):

@@ -19,7 +19,7 @@ from trainer.runtime import Segmenter
 from trainer.types import Prompts
 
 from . import protocol
-from .images import ImageError, ImageLoader, ImageSource
+from .images import ImageError, ImageLoader, ImageSource, parse_allowed_hosts
 from .settings import Settings
 
 log = logging.getLogger("ml_backend")
@@ -118,10 +118,11 @@ class SamBackend:
         source = ImageSource(
             label_studio_url=s.label_studio_url or connection.get("hostname"),
             token=s.label_studio_api_key or connection.get("access_token"),
-            allowed_hosts=tuple(h.strip() for h in s.allowed_image_hosts.split(",") if h.strip()),
+            allowed_hosts=parse_allowed_hosts(s.allowed_image_hosts),
             timeout_s=s.image_timeout_s, max_pixels=s.max_image_pixels, max_bytes=s.max_image_bytes,
+            allow_private=s.allow_private_image_hosts,
         )
-        key = (source.label_studio_url, source.token, source.allowed_hosts)
+        key = (source.label_studio_url, source.token, source.allowed_hosts, source.allow_private)
         with self._loaders_lock:
             if key not in self._loaders:
                 self._loaders[key] = ImageLoader(source)

@@ -4,13 +4,35 @@ Supported task URLs:
 
 * relative Label Studio paths (``/data/upload/...``, ``/data/local-files/?d=...``, ...),
   fetched from ``label_studio_url`` with the API token;
-* absolute ``http(s)`` URLs: the token is sent only when the URL has the exact origin
-  (scheme, host, port) of ``label_studio_url``;
+* absolute ``http(s)`` URLs on the Label Studio origin (scheme, host, port), with the token;
+* absolute ``http(s)`` URLs on a host of ``allowed_hosts`` (``ALLOWED_IMAGE_HOSTS``), without it;
 * cloud storage URIs (``s3://``, ``gs://``, ``azure-blob://``), resolved through Label
   Studio's ``GET /tasks/<task_id>/presign/?fileuri=<urlsafe base64>`` (needs ``task_id``);
 * ``data:...;base64,...`` URIs.
 
-Anything else (``file://``, ``ftp://``, bare paths) is refused with :class:`ImageError`.
+Anything else (``file://``, ``ftp://``, bare paths, any other host) is refused with
+:class:`ImageError` before a connection is made.
+
+Which hosts are fetched (SSRF policy):
+
+* Host names are normalised first (:func:`normalize_host`): lower case, no trailing dot, IDNA,
+  and any IPv4 spelling (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``127.1``,
+  ``[::ffff:127.0.0.1]``) as a dotted quad. URLs with ``user@`` credentials are refused.
+* The Label Studio host (exact origin) is trusted: the operator configured it, and it is usually
+  private or loopback. It is connected to normally (proxy settings included).
+* An allow-listed host (``name``, ``name:port`` or ``*.example.com`` for subdomains) is resolved
+  once; if ANY address it resolves to is loopback, private, CGNAT, link-local, multicast,
+  reserved, unspecified or a cloud metadata address (also in IPv4-mapped/compatible, NAT64,
+  6to4 or Teredo IPv6 form) it is refused (:func:`address_problem`), and the connection goes to
+  the checked address itself (no second DNS lookup, so no DNS rebinding; TLS SNI and the
+  certificate check still use the host name). ``allow_private`` (``ALLOW_PRIVATE_IMAGE_HOSTS``)
+  lets allow-listed hosts be loopback/private/CGNAT/unique-local; link-local, metadata,
+  multicast and reserved addresses stay refused.
+* Redirects are checked hop by hop, before the next connection: Label Studio may redirect
+  within its origin or to an allow-listed host; its storage resolvers (``/tasks/<id>/presign``,
+  ``/resolve``) may also redirect to a signed URL on any host whose addresses are all public; an
+  allow-listed host or signed URL may redirect only to the same host. Proxies are not used for
+  hosts other than Label Studio's (a proxy would resolve the name itself).
 
 Decoding: EXIF orientation is applied; transparent images are composited onto white
 (what a browser shows on a white page); 16-bit / 32-bit grayscale is min-max scaled to
@@ -28,8 +50,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import json
+import os
 import re
+import socket
 import threading
 import time
 import warnings
@@ -40,6 +65,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit
 import numpy as np
 import requests
 from PIL import Image, ImageOps
+from requests.adapters import HTTPAdapter
 
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 
@@ -72,10 +98,13 @@ class ImageSource:
 
     label_studio_url: str | None = None
     token: str | None = None  # legacy API token or personal access token (JWT refresh token)
-    allowed_hosts: tuple[str, ...] = ()  # extra hosts for plain http(s) URLs; empty = any host
+    # hosts besides Label Studio's for plain http(s) URLs: "name", "name:port", "*.example.com";
+    # empty = Label Studio's host only (plus public signed URLs its storage resolvers redirect to)
+    allowed_hosts: tuple[str, ...] = ()
     timeout_s: float = 30.0  # total per load, redirects included
     max_pixels: int = 50_000_000
     max_bytes: int = 100 * 1024 * 1024
+    allow_private: bool = False  # allow-listed hosts may be loopback/private/CGNAT/unique-local
 
 
 def redact_url(url: str) -> str:
@@ -97,15 +126,253 @@ def redact_url(url: str) -> str:
     return shown if len(shown) <= 300 else shown[:297] + "..."
 
 
-def _origin(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an http(s) URL; a malformed one matches nothing."""
+# ---- host names and addresses ----------------------------------------------------
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+_NUMBER = re.compile(r"0x[0-9a-f]*|[0-9]+")  # a label an IPv4 parser reads as a number
+_NETLOC_ASCII_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:[]")
+_ip = ipaddress.ip_address
+_net = ipaddress.ip_network
+
+# never fetched, whatever the settings
+_METADATA = frozenset(map(_ip, ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")))
+# fetched from allow-listed hosts only with allow_private (ALLOW_PRIVATE_IMAGE_HOSTS)
+_PRIVATE = tuple((_net(n), what) for n, what in (
+    ("127.0.0.0/8", "loopback"), ("::1/128", "loopback"),
+    ("10.0.0.0/8", "private"), ("172.16.0.0/12", "private"), ("192.168.0.0/16", "private"),
+    ("100.64.0.0/10", "carrier-grade NAT"), ("fc00::/7", "unique-local (private)"),
+))
+# special-purpose ranges (RFC 6890 and friends) that ipaddress's is_global misses in some versions
+_NON_PUBLIC = tuple(map(_net, (
+    "0.0.0.0/8", "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "240.0.0.0/4", "::/96", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "fec0::/10",
+)))
+_NAT64 = _net("64:ff9b::/96")
+
+
+def _ipv4_number(label: str) -> int:
+    if label.startswith("0x"):
+        return int(label[2:] or "0", 16)
+    if len(label) > 1 and label.startswith("0"):
+        return int(label, 8)  # ValueError on 8 or 9, as inet_aton refuses them
+    return int(label)
+
+
+def _parse_ipv4(labels: list[str]) -> ipaddress.IPv4Address:
+    """inet_aton's (and browsers') reading: 1 to 4 numbers, each decimal, 0x-hex or 0-octal;
+    the last one fills the remaining bytes (``127.1`` is 127.0.0.1, ``2130706433`` too)."""
+    if len(labels) > 4:
+        raise ValueError("more than 4 numbers in an IPv4 address")
+    try:
+        numbers = [_ipv4_number(label) for label in labels]
+    except ValueError:
+        raise ValueError("a host ending in a number must be an IPv4 address") from None
+    *head, last = numbers
+    if any(n > 255 for n in head) or last >= 256 ** (5 - len(numbers)):
+        raise ValueError("IPv4 address out of range")
+    value = last
+    for i, n in enumerate(head):
+        value += n << (8 * (3 - i))
+    return ipaddress.IPv4Address(value)
+
+
+def normalize_host(host: str) -> str:
+    """The canonical form of a URL's host, the one the allow-list and the Label Studio origin are
+    compared with: lower case, no trailing dot, IDNA (ASCII), IPv4 addresses in any spelling as a
+    dotted quad, IPv6 compressed (an IPv4-mapped one as its IPv4 address). ValueError if invalid."""
+    h = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in h:
+        if "%" in h:
+            raise ValueError("IPv6 zone identifiers are not supported")
+        ip6 = ipaddress.IPv6Address(h)  # ValueError
+        return str(ip6.ipv4_mapped) if ip6.ipv4_mapped else ip6.compressed
+    if not h.isascii():
+        try:
+            h = h.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError("invalid internationalised host name") from None
+    h = h.lower()
+    if h.endswith("."):
+        h = h[:-1]
+    if not _HOST_NAME.fullmatch(h):
+        raise ValueError("invalid host name")
+    labels = h.split(".")
+    if _NUMBER.fullmatch(labels[-1]):  # ends in a number: an IPv4 address, however spelled
+        return str(_parse_ipv4(labels))
+    return h
+
+
+def _as_ip(host: str) -> IPAddress | None:
+    try:
+        return _ip(host)
+    except ValueError:
+        return None
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one reaches: mapped, compatible, NAT64, 6to4, Teredo."""
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if int(ip) >> 32 == 0 and int(ip) > 1 or ip in _NAT64:  # ::a.b.c.d, 64:ff9b::a.b.c.d
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour:
+        return ip.sixtofour
+    if ip.teredo:
+        return ip.teredo[1]
+    return None
+
+
+def address_problem(address: str | IPAddress, allow_private: bool = False) -> str | None:
+    """Why an image may not be fetched from ``address`` (None: it may). Cloud metadata,
+    link-local, multicast, unspecified and reserved addresses are always refused; loopback,
+    private (RFC 1918, unique-local) and CGNAT ones unless ``allow_private``."""
+    ip = _ip(address) if isinstance(address, str) else address
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            problem = address_problem(embedded, allow_private)
+            if problem:
+                return f"{problem} (as {ip})"
+            if not ip.teredo:  # a Teredo address is judged as itself too (2001::/23: reserved)
+                return None
+    if ip in _METADATA:
+        return "a cloud metadata address"
+    if ip.is_unspecified or ip in _net("0.0.0.0/8"):
+        return "an unspecified address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_multicast:
+        return "a multicast address"
+    for network, what in _PRIVATE:
+        if ip in network:
+            return None if allow_private else f"a {what} address"
+    if ip.is_reserved or not ip.is_global or any(ip in n for n in _NON_PUBLIC):
+        return "a reserved (non-public) address"
+    return None
+
+
+def _split_host_port(entry: str) -> tuple[str, int | None]:
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError("junk after ']'")
+        port = rest[1:] if rest else None
+    elif entry.count(":") == 1:
+        host, port = entry.split(":")
+    else:
+        host, port = entry, None
+    if port is None:
+        return host, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid port {port!r}")
+    return host, int(port)
+
+
+def parse_allowed_hosts(entries: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate and normalise allow-list entries (a comma-separated string or a sequence):
+    ``name``, ``name:port``, ``*.example.com`` (any subdomain, any port), IP addresses. A URL's
+    host must equal an entry after both are normalised. ValueError names a bad entry."""
+    items = entries.split(",") if isinstance(entries, str) else list(entries)
+    out: list[str] = []
+    for raw in items:
+        entry = raw.strip()
+        if not entry:
+            continue
+        try:
+            if "/" in entry or "@" in entry:
+                raise ValueError("give a host name (no scheme, path or user)")
+            if entry.startswith("*."):
+                suffix = normalize_host(entry[2:])
+                if _as_ip(suffix) is not None or "." not in suffix:
+                    raise ValueError("a wildcard needs a domain with a dot, like *.example.com")
+                out.append("*." + suffix)
+                continue
+            host, port = _split_host_port(entry)
+            host = normalize_host(host)
+            host = f"[{host}]" if ":" in host else host
+            out.append(f"{host}:{port}" if port else host)
+        except ValueError as e:
+            raise ValueError(f"allowed image host {entry!r} is invalid: {e}") from None
+    return tuple(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class _Url:
+    """An http(s) URL as parsed and normalised here; requests get rebuilt from it."""
+
+    scheme: str
+    host: str  # normalize_host's form
+    port: int
+    path: str  # path and query
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        return self.scheme, self.host, self.port
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def _parse_url(url: str) -> _Url:
+    """Split and normalise an http(s) URL; _Failure (before any connection) if it is not one."""
     try:
         parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        port = parts.port or (443 if scheme == "https" else 80)
+        port = parts.port  # raises ValueError on a bad port
     except ValueError:
-        return "", "", -1
-    return scheme, (parts.hostname or "").lower(), port
+        raise _Failure("malformed URL") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise _Failure(f"unsupported URL scheme {scheme or '(none)'!r}")
+    if "@" in parts.netloc:
+        raise _Failure("URLs with credentials (user@host) are not allowed")
+    if not parts.hostname:
+        raise _Failure("URL has no host")
+    if any(c not in _NETLOC_ASCII_OK if c.isascii() else not c.isprintable() or c.isspace()
+           for c in parts.netloc):
+        raise _Failure("malformed host in URL")
+    try:
+        host = normalize_host(parts.hostname)
+    except ValueError as e:
+        raise _Failure(f"malformed host in URL ({e})") from None
+    if port == 0:
+        raise _Failure("malformed URL (port 0)")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Url(scheme, host, port or (443 if scheme == "https" else 80), path)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One request the policy allowed: ``kind`` is "ls" (Label Studio, trusted), "allowed" (an
+    allow-listed host) or "signed" (a public host a storage resolver redirected to)."""
+
+    url: str
+    parsed: _Url
+    kind: str
+    address: str | None = None  # the checked address to connect to (not for "ls")
+    resolver: bool = False  # a Label Studio storage resolver: may redirect to a signed URL
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """Connects to the address the loader checked (``request.pinned_address``), never looking the
+    name up again (no DNS rebinding); TLS SNI and the certificate check use the URL's host name."""
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):  # type: ignore[override]
+        address = getattr(request, "pinned_address", None)
+        if not address:
+            raise ValueError("no checked address for this request")
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        if host_params["scheme"] == "https":
+            pool_kwargs["server_hostname"] = request.pinned_host
+        host_params["host"] = address
+        return host_params, pool_kwargs
+
+    def get_connection(self, url, proxies=None):  # requests < 2.32.2 would resolve the name again
+        raise requests.exceptions.InvalidURL("pinned connections need requests >= 2.32.2")
 
 
 def _jwt_claims(token: str) -> dict[str, Any] | None:
@@ -165,16 +432,30 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 class ImageLoader:
-    """Fetches and decodes task images; thread-safe (one requests.Session per thread)."""
+    """Fetches and decodes task images; thread-safe (one requests.Session per thread).
+
+    ValueError at construction if an ``allowed_hosts`` entry is invalid."""
 
     def __init__(self, source: ImageSource) -> None:
         self.source = source
-        self._ls_url = source.label_studio_url.rstrip("/") if source.label_studio_url else None
-        self._ls_origin = _origin(self._ls_url) if self._ls_url else None
-        self._allowed = {h.lower() for h in source.allowed_hosts}
+        self._ls_url: str | None = None  # base URL (no user@), path prefix kept, no trailing slash
+        self._ls_prefix = ""  # scheme://netloc of Label Studio, as configured
+        self._ls: _Url | None = None
+        if source.label_studio_url:
+            self._ls_url = source.label_studio_url.strip()
+            try:
+                parts = urlsplit(self._ls_url)
+                self._ls_prefix = f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2]}"
+                self._ls_url = self._ls_prefix + parts.path.rstrip("/")
+                self._ls = _parse_url(self._ls_prefix + "/")
+            except (ValueError, _Failure):
+                self._ls = None  # _require_ls says so
+        allowed = parse_allowed_hosts(source.allowed_hosts)
+        self._allowed_exact = frozenset(h for h in allowed if not h.startswith("*."))
+        self._allowed_suffixes = tuple(h[1:] for h in allowed if h.startswith("*."))  # ".example.com"
         self._claims = _jwt_claims(source.token) if source.token else None
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        self._sessions: list[requests.Session | HTTPAdapter] = []
         self._sessions_lock = threading.Lock()
         self._token_lock = threading.Lock()
         self._access: str | None = None
@@ -200,7 +481,7 @@ class ImageLoader:
             raise ImageError(shown, reason) from None
 
     def close(self) -> None:
-        """Close all HTTP sessions."""
+        """Close all HTTP sessions and connection pools."""
         with self._sessions_lock:
             for s in self._sessions:
                 s.close()
@@ -224,10 +505,6 @@ class ImageLoader:
             b64 = base64.urlsafe_b64encode(url.encode()).decode()
             return self._fetch(f"{self._require_ls()}/tasks/{task_id}/presign/?fileuri={quote(b64)}")
         if scheme in ("http", "https"):
-            if not parts.hostname:
-                raise _Failure("URL has no host")
-            if not self._is_ls(url) and self._allowed and not self._host_allowed(url):
-                raise _Failure(f"host {parts.hostname!r} is not in the allowed hosts")
             return self._fetch(url)
         if not scheme and not parts.netloc and url.startswith("/"):
             return self._fetch(self._require_ls() + url)
@@ -236,14 +513,79 @@ class ImageLoader:
     def _require_ls(self) -> str:
         if not self._ls_url:
             raise _Failure("no Label Studio URL configured (LABEL_STUDIO_URL or /setup hostname)")
+        if self._ls is None:
+            raise _Failure(f"the Label Studio URL {redact_url(self._ls_url)} is malformed")
         return self._ls_url
 
-    def _is_ls(self, url: str) -> bool:
-        return self._ls_origin is not None and _origin(url) == self._ls_origin
+    def _host_allowed(self, url: _Url) -> bool:
+        host = f"[{url.host}]" if ":" in url.host else url.host
+        if host in self._allowed_exact or f"{host}:{url.port}" in self._allowed_exact:
+            return True
+        return _as_ip(url.host) is None and url.host.endswith(self._allowed_suffixes)
 
-    def _host_allowed(self, url: str) -> bool:
-        _, host, port = _origin(url)
-        return host in self._allowed or f"{host}:{port}" in self._allowed
+    def _target(self, url: str, previous: _Target | None = None) -> _Target:
+        """Judge ``url`` (a task URL, or a redirect from ``previous``) before connecting to it."""
+        try:
+            parsed = _parse_url(url)
+        except _Failure as e:
+            if previous is None:
+                raise
+            raise _Failure(f"redirect to unsupported URL {redact_url(url)} ({e})") from None
+        shown = redact_url(url)
+        if self._ls is not None and parsed.origin == self._ls.origin:
+            if previous is not None and previous.kind != "ls":
+                raise _Failure(f"refusing redirect to another host ({shown})")
+            return _Target(self._ls_prefix + parsed.path, parsed, "ls",
+                           resolver=bool(_RESOLVER_PATH.search(urlsplit(parsed.path).path)))
+        allowed = self._host_allowed(parsed)
+        if previous is None:
+            if not allowed:
+                raise _Failure(f"host {parsed.host!r} is not the Label Studio host and not in the allowed "
+                               "hosts (ALLOWED_IMAGE_HOSTS)")
+            kind = "allowed"
+        elif previous.kind == "ls":
+            if not allowed and not previous.resolver:
+                raise _Failure(f"refusing redirect to another host ({shown})")
+            kind = "allowed" if allowed else "signed"
+        else:  # an allow-listed host or a signed URL may redirect to the same host only
+            if parsed.host != previous.parsed.host:
+                raise _Failure(f"refusing redirect to another host ({shown})")
+            if previous.kind == "allowed" and not allowed:
+                raise _Failure(f"refusing redirect to {shown}: not in the allowed hosts")
+            kind = "allowed" if allowed else previous.kind
+        address = self._checked_address(parsed.host, parsed.port, kind)
+        return _Target(f"{parsed.scheme}://{parsed.netloc}{parsed.path}", parsed, kind, address)
+
+    def _checked_address(self, host: str, port: int, kind: str) -> str:
+        """Resolve ``host`` once; refuse it if any address is off limits; the address to connect to."""
+        private_ok = kind == "allowed" and self.source.allow_private
+        literal = _as_ip(host)
+        if literal is not None:
+            addresses = [literal]
+        else:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                raise _Failure(f"cannot resolve host {host!r}") from None
+            addresses = []
+            for family, _, _, _, sockaddr in infos:
+                if family in (socket.AF_INET, socket.AF_INET6):
+                    address = _ip(str(sockaddr[0]).split("%")[0])
+                    if address not in addresses:
+                        addresses.append(address)
+            if not addresses:
+                raise _Failure(f"cannot resolve host {host!r}")
+        for address in addresses:
+            problem = address_problem(address, private_ok)
+            if problem:
+                where = f"{host}" if literal is not None else f"{host} (it resolves to {address})"
+                hint = ""
+                if kind == "allowed" and not private_ok and address_problem(address, True) is None:
+                    hint = "; ALLOW_PRIVATE_IMAGE_HOSTS=true allows internal allow-listed hosts"
+                elif kind == "signed":
+                    hint = "; signed URLs must be on public hosts unless their host is allow-listed"
+                raise _Failure(f"refusing to fetch from {where}: {problem}{hint}")
+        return str(addresses[0])
 
     def _data_uri(self, url: str) -> bytes:
         header, sep, payload = url.partition(",")
@@ -259,6 +601,7 @@ class ImageLoader:
     # ---- HTTP ---------------------------------------------------------------
 
     def _session(self) -> requests.Session:
+        """Per thread: for Label Studio (trusted, connected to normally)."""
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
@@ -267,15 +610,26 @@ class ImageLoader:
                 self._sessions.append(session)
         return session
 
+    def _pinned_adapter(self) -> _PinnedAdapter:
+        """Per thread: for every other host, connected to at its checked address, without proxies."""
+        adapter = getattr(self._local, "pinned", None)
+        if adapter is None:
+            adapter = _PinnedAdapter(max_retries=0)
+            self._local.pinned = adapter
+            with self._sessions_lock:
+                self._sessions.append(adapter)
+        return adapter
+
     def _fetch(self, url: str) -> bytes:
-        """GET with manual redirects: same host only, except from an LS storage resolver."""
+        """GET with manual redirects, each hop judged by :meth:`_target` before it is connected to."""
         deadline = time.monotonic() + self.source.timeout_s
+        target = self._target(url)
         retried_auth = False
         hops = 0
         while True:
-            is_ls = self._is_ls(url)
+            is_ls = target.kind == "ls"
             headers = self._auth_headers() if is_ls else {}
-            resp = self._request("GET", url, deadline, headers=headers, stream=True)
+            resp = self._get(target, deadline, headers)
             with resp:
                 if resp.status_code == 401 and is_ls and self._uses_refresh() and not retried_auth:
                     retried_auth = True
@@ -285,37 +639,38 @@ class ImageLoader:
                     hops += 1
                     if hops > MAX_REDIRECTS:
                         raise _Failure(f"more than {MAX_REDIRECTS} redirects")
-                    url = self._redirect_target(url, resp.headers.get("Location", ""))
+                    target = self._target(urljoin(target.url, resp.headers.get("Location", "")), target)
                     continue
                 if resp.status_code >= 400:
-                    raise _Failure(self._http_error(resp.status_code, url, is_ls))
+                    raise _Failure(self._http_error(resp.status_code, target.url, is_ls))
                 return self._read(resp, deadline)
 
-    def _redirect_target(self, url: str, location: str) -> str:
-        target = urljoin(url, location)
-        try:
-            parts = urlsplit(target)
-            _ = parts.port  # raises ValueError on a bad port
-        except ValueError:
-            raise _Failure("redirect to a malformed URL") from None
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise _Failure(f"redirect to unsupported URL {redact_url(target)}")
-        same_host = parts.hostname.lower() == (urlsplit(url).hostname or "").lower()
-        from_resolver = self._is_ls(url) and _RESOLVER_PATH.search(urlsplit(url).path)
-        if not same_host and not from_resolver:
-            raise _Failure(f"refusing redirect to another host ({redact_url(target)})")
-        return target
+    def _get(self, target: _Target, deadline: float, headers: dict[str, str]) -> requests.Response:
+        if target.kind == "ls":
+            return self._request("GET", target.url, deadline, headers=headers, stream=True)
+        request = requests.Request(
+            "GET", target.url, headers={**requests.utils.default_headers(), **headers, "Host": target.parsed.netloc}
+        ).prepare()
+        request.pinned_address = target.address  # type: ignore[attr-defined]  # read by _PinnedAdapter
+        request.pinned_host = target.parsed.host  # type: ignore[attr-defined]
+        verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        return self._request("GET", target.url, deadline, send=lambda timeout: self._pinned_adapter().send(
+            request, stream=True, timeout=timeout, verify=verify, proxies={}))
 
-    def _request(self, method: str, url: str, deadline: float, **kwargs: Any) -> requests.Response:
+    def _request(self, method: str, url: str, deadline: float, send: Any = None, **kwargs: Any) -> requests.Response:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Failure(f"timed out after {self.source.timeout_s} s")
         try:
+            if send is not None:
+                return send(remaining)
             return self._session().request(
                 method, url, timeout=remaining, allow_redirects=False, **kwargs
             )
         except requests.Timeout:
             raise _Failure(f"timed out after {self.source.timeout_s} s ({redact_url(url)})") from None
+        except requests.exceptions.SSLError:
+            raise _Failure(f"request to {redact_url(url)} failed (TLS certificate or handshake error)") from None
         except requests.RequestException as e:
             raise _Failure(f"request to {redact_url(url)} failed ({type(e).__name__})") from None
 

@@ -25,3 +25,5 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for chatty in ("httpx", "httpcore", "urllib3"):  # their INFO lines carry full URLs (signed query strings)
+        logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
@@ -13,7 +13,7 @@ def _bool(text: str) -> bool:
 @dataclass(frozen=True)
 class Settings:
     label_studio_url: str | None = None      # LABEL_STUDIO_URL: where /data/upload images and annotations live
-    label_studio_api_key: str | None = None  # LABEL_STUDIO_API_KEY: legacy token or personal access token
+    label_studio_api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY: legacy token or personal access token
     model_dir: Path = Path("models")         # MODEL_DIR: fine-tuned versions, job records, embedding cache
     sam_model: str = "lite_medsam"           # SAM_MODEL: lite_medsam | mobile_sam | vit_b | vit_l | vit_h
     sam_checkpoint: str | None = None        # SAM_CHECKPOINT: weights file (lite_medsam: shipped default)
@@ -27,7 +27,11 @@ class Settings:
     image_timeout_s: float = 15.0            # IMAGE_TIMEOUT_S: per image download
     max_image_pixels: int = 40_000_000       # MAX_IMAGE_PIXELS: larger images are refused
     max_image_bytes: int = 64 * 1024 * 1024  # MAX_IMAGE_BYTES
-    allowed_image_hosts: str = ""            # ALLOWED_IMAGE_HOSTS: comma-separated extra hosts for http(s) URLs
+    allowed_image_hosts: str = ""            # ALLOWED_IMAGE_HOSTS: comma-separated hosts besides Label Studio's for http(s) image URLs (name, name:port, *.example.com)
+    allow_private_image_hosts: bool = False  # ALLOW_PRIVATE_IMAGE_HOSTS: allow-listed hosts may be loopback/private/CGNAT
+    basic_auth_user: str | None = None       # BASIC_AUTH_USER: with BASIC_AUTH_PASS, HTTP basic auth on all routes but /health
+    basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS (never logged)
+    auth_token: str | None = field(default=None, repr=False)       # AUTH_TOKEN: or "Authorization: Bearer <token>" on all routes but /health
     max_tasks: int = 1000                    # MAX_TASKS_PER_REQUEST
     max_boxes: int = 500                     # MAX_BOXES_PER_TASK
     max_body_mb: float = 32.0                # MAX_BODY_MB: request body limit
@@ -55,14 +59,14 @@ class Settings:
         names = {"cache_mb": "EMBEDDING_CACHE_MB", "disk_cache": "EMBEDDING_DISK_CACHE",
                  "max_tasks": "MAX_TASKS_PER_REQUEST", "max_boxes": "MAX_BOXES_PER_TASK"}
         values = {}
-        for field in fields(cls):
-            raw = env.get(names.get(field.name, field.name.upper()))
+        for setting in fields(cls):
+            raw = env.get(names.get(setting.name, setting.name.upper()))
             if raw is None or raw == "":
                 continue
-            kind = type(field.default) if field.default is not None else str
+            kind = type(setting.default) if setting.default is not None else str
             try:
-                values[field.name] = (_bool(raw) if kind is bool else Path(raw) if isinstance(field.default, Path)
+                values[setting.name] = (_bool(raw) if kind is bool else Path(raw) if isinstance(setting.default, Path)
                                       else kind(raw))
             except ValueError as exc:
-                raise SystemExit(f"setting {names.get(field.name, field.name.upper())}={raw!r} is invalid: {exc}")
+                raise SystemExit(f"setting {names.get(setting.name, setting.name.upper())}={raw!r} is invalid: {exc}")
         return cls(**values)

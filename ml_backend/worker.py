@@ -20,7 +20,7 @@ from trainer.registry import Registry, RegistryError
 from trainer.runtime import BASE_VERSION, Segmenter
 from trainer.worker import Dispatcher, run_job
 
-from .images import ImageLoader, ImageSource
+from .images import ImageLoader, ImageSource, parse_allowed_hosts
 from .logs import configure
 from .settings import Settings
 
@@ -85,8 +85,10 @@ def _load_project(settings: Settings, project: str):
     if not url or not token:
         raise RuntimeError(f"project {project}: no Label Studio URL/token (set LABEL_STUDIO_URL and "
                            "LABEL_STUDIO_API_KEY, or connect the project so /setup provides them)")
-    loader = ImageLoader(ImageSource(url, token, timeout_s=settings.image_timeout_s,
-                                     max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes))
+    loader = ImageLoader(ImageSource(url, token, allowed_hosts=parse_allowed_hosts(settings.allowed_image_hosts),
+                                     timeout_s=settings.image_timeout_s, max_pixels=settings.max_image_pixels,
+                                     max_bytes=settings.max_image_bytes,
+                                     allow_private=settings.allow_private_image_hosts))
     return load_label_studio_project(int(project), url, token, lambda u, task: loader.load(u, task.get("id")))
 
 

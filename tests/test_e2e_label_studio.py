@@ -19,7 +19,7 @@ def backend_url(label_studio, tmp_path_factory):
     env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
            "MODEL_DIR": str(root / "models"), "WORKERS": "1", "THREADS": "4"}
     with start_backend(env, root / "gunicorn.log") as url:
-        yield url
+        yield url, root / "gunicorn.log"
 
 
 def _mask(region: dict) -> np.ndarray:
@@ -28,6 +28,7 @@ def _mask(region: dict) -> np.ndarray:
 
 
 def test_retrieve_predictions_and_interactive(label_studio, ls_project, backend_url):
+    backend_url, log_path = backend_url
     task_ids = label_studio.upload_images(ls_project, [dataset.image_path(i) for i in IMAGES])
     for task_id, image_id in zip(task_ids, IMAGES):
         info = dataset.image_info(image_id)
@@ -59,3 +60,6 @@ def test_retrieve_predictions_and_interactive(label_studio, ls_project, backend_
                                                                   info["height"], "nucleus")])
     (region,) = reply["data"]["result"]
     assert dataset.iou(_mask(region), dataset.gt_mask(annotation)) > 0.6
+    log = log_path.read_text()
+    assert '"path": "/predict"' in log  # one structured line per request
+    assert label_studio.token not in log  # no secrets in logs

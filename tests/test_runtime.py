@@ -155,3 +155,23 @@ def test_damaged_disk_embedding_is_recomputed(segmenter, tmp_path):
     path = next(tmp_path.rglob("*.safetensors"))
     path.write_bytes(path.read_bytes()[:100])
     assert disk.get(key) is None and not path.exists()
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (open, ("/tmp/sam-backend-pwned", "w"))
+
+
+def test_hostile_pickle_checkpoint_is_refused(tmp_path):
+    """Checkpoints are loaded with weights_only=True: a pickle that runs code is refused, nothing runs."""
+    import os
+    import pickle
+
+    target = "/tmp/sam-backend-pwned"
+    if os.path.exists(target):
+        os.unlink(target)
+    hostile = tmp_path / "hostile.pth"
+    hostile.write_bytes(pickle.dumps({"model": _Exploit()}))
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        load_model("lite_medsam", hostile)
+    assert not os.path.exists(target)
