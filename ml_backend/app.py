@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 
 from flask import Flask, Response, g, jsonify, request
@@ -56,6 +57,11 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     @app.errorhandler(protocol.ProtocolError)
     def bad_request(exc: protocol.ProtocolError):
         return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(sqlite3.Error)
+    def store_unavailable(exc: sqlite3.Error):
+        log.error("job store unavailable", extra={"error": str(exc)})
+        return jsonify(error=f"the event could not be recorded ({exc}); retry later"), 503
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threads = os.environ.get("TORCH_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:  # same setting as serving's workers
+        import torch
+
+        torch.set_num_threads(int(threads))
     from .data import DataError
     from .models import ModelLoadError
     from .registry import Registry, RegistryError

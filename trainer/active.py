@@ -32,6 +32,7 @@ class ActiveDecoders:
         self.model_dir = Path(model_dir)
         self.segmenter = segmenter
         self._served: dict[str, ServedDecoder] = {}
+        self._refused: dict[str, str] = {}  # project -> the version refused last (not re-read on every call)
         self._lock = threading.Lock()
 
     def get(self, project: str | None) -> ServedDecoder:
@@ -45,15 +46,24 @@ class ActiveDecoders:
         wanted = registry.active() or BASE_VERSION
         with self._lock:
             current = self._served.get(project, base)
-            if current.version == wanted:
+            if current.version == wanted or self._refused.get(project) == wanted:
                 return current
             try:
-                module = None if wanted == BASE_VERSION else self.segmenter.fine_tuned_decoder(
-                    registry.load_decoder(wanted))
+                module = None if wanted == BASE_VERSION else self._load(registry, wanted)
             except (RegistryError, RuntimeError) as exc:
+                self._refused[project] = wanted
                 log.error("decoder version refused", extra={"project": project, "version": wanted,
                                                              "error": str(exc), "serving": current.version})
                 return current
+            self._refused.pop(project, None)
             self._served[project] = ServedDecoder(wanted, module)
             log.info("decoder version served", extra={"project": project, "version": wanted})
             return self._served[project]
+
+    def _load(self, registry: Registry, version: str) -> MaskDecoder:
+        """The version's decoder, refused when it was trained on top of another base model."""
+        trained_on = registry.manifest(version).get("base_model", {}).get("identity")
+        if trained_on != self.segmenter.model.identity:
+            raise RegistryError(f"version {version} was trained on {trained_on}, "
+                                f"not on the served {self.segmenter.model.identity}")
+        return self.segmenter.fine_tuned_decoder(registry.load_decoder(version))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import threading
@@ -13,6 +14,8 @@ from typing import Callable
 import numpy as np
 
 from .types import Embedding
+
+log = logging.getLogger(__name__)
 
 
 def image_key(encoder_identity: str, image: np.ndarray) -> str:
@@ -106,7 +109,10 @@ class EmbeddingCache:
             if embedding is None:
                 embedding = compute()
                 if self.disk:
-                    self.disk.put(key, embedding)
+                    try:
+                        self.disk.put(key, embedding)
+                    except OSError as exc:  # a full disk costs the copy for training, not the prediction
+                        log.warning("embedding not written to disk", extra={"error": str(exc)})
             self._store(key, embedding)
             future.set_result(embedding)
             return embedding, False

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import cv2
 import numpy as np
 
-from .types import Box
+from .types import Box, Mask
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,7 @@ class Sample:
     @property
     def mask(self) -> np.ndarray:
         """bool (H, W)."""
-        out = np.zeros(self.image_size, dtype=bool)
-        h, w = self.crop.shape
-        out[self.y0 : self.y0 + h, self.x0 : self.x0 + w] = self.crop
-        return out
+        return Mask(self.crop, self.x0, self.y0, self.image_size, score=1.0).full()
 
     @property
     def area(self) -> int:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -40,6 +41,12 @@ class VersionInfo:
         return bool(self.manifest.get("promoted"))
 
 
+def _crash_point(step: str) -> None:
+    """Test-only fault injection: with REGISTRY_CRASH_AT=<step> the process kills itself (SIGKILL) there."""
+    if os.environ.get("REGISTRY_CRASH_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     try:
@@ -47,6 +54,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
             json.dump(data, handle, indent=2, sort_keys=True)
             handle.flush()
             os.fsync(handle.fileno())
+        _crash_point("before-pointer-replace")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -130,17 +138,22 @@ class Registry:
         try:
             weights = staging / "decoder.safetensors"
             save_file({k: v.detach().contiguous().cpu() for k, v in decoder_state.items()}, str(weights))
-            numbers = [int(i.version[1:]) for i in self.versions()]
+            _crash_point("weights-written")
+            # every vNNNN name counts, complete or not, so a leftover directory never blocks the rename
+            numbers = [int(p.name[1:]) for p in self.versions_dir.iterdir() if VERSION_NAME.match(p.name)]
             version = f"v{max(numbers, default=0) + 1:04d}"
             record = dict(manifest, version=version, sha256=file_sha256(weights),
                           created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             (staging / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+            _crash_point("manifest-written")
             for path in (weights, staging / "manifest.json"):
                 with open(path, "rb") as handle:
                     os.fsync(handle.fileno())
+            _crash_point("before-rename")
             os.rename(staging, self.versions_dir / version)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        _crash_point("version-written")
         return version
 
     def activate(self, version: str | None) -> None:
@@ -154,6 +167,7 @@ class Registry:
             history.append(current)
         self.root.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(self.root / "active.json", {"version": version, "history": history[-50:]})
+        _crash_point("activated")
 
     def rollback(self) -> str | None:
         """Re-activate the version that was active before the current one; returns it (None = base)."""
@@ -174,7 +188,14 @@ class Registry:
         removed = []
         for info in infos:
             if info.version not in keep:
-                shutil.rmtree(self.versions_dir / info.version, ignore_errors=True)
+                # renamed out of the listing first (atomic), so a crash never leaves a half-deleted version
+                trash = self.versions_dir / f".staging-{uuid.uuid4().hex}"
+                try:
+                    os.rename(self.versions_dir / info.version, trash)
+                except FileNotFoundError:  # pruned by someone else meanwhile
+                    continue
+                _crash_point("prune-renamed")
+                shutil.rmtree(trash, ignore_errors=True)
                 removed.append(info.version)
         for stale in self.versions_dir.glob(".staging-*"):
             shutil.rmtree(stale, ignore_errors=True)
