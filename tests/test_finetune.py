@@ -202,8 +202,9 @@ def test_decoder_gradients(loss: str, segmenter: Segmenter, dataset: Dataset, em
     assert all(not p.requires_grad for p in segmenter.model.sam.parameters())  # the base model stays frozen
     if loss == "dice-bce":
         assert max(grads) > 1e-4 and len(grads) > 100
-    else:  # normalize(threshold(x)) over one channel is piecewise constant: nothing to learn from
-        assert float(value.detach()) > 0 and max(grads, default=0.0) == 0.0
+    else:  # normalize(threshold(x)) over one channel is piecewise constant: its gradient is zero, up to
+        # float rounding in normalize's backward (~1e-9 on some images; exactly 0.0 on this one)
+        assert float(value.detach()) > 0 and max(grads, default=0.0) < 1e-7
 
 
 def test_short_run_improves_training_iou(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbeddings) -> None:
@@ -222,7 +223,8 @@ def test_training_is_reproducible(segmenter: Segmenter, dataset: Dataset, embedd
     config = FineTuneConfig(epochs=2, max_objects_per_image=1, seed=3)
     first, second = (fine_tune(segmenter, Dataset(train + val), embeddings, config, progress=False) for _ in range(2))
     assert all(torch.equal(first.state[k], second.state[k]) for k in first.state)
-    assert first.curves == [dict(c, seconds=f["seconds"]) for c, f in zip(second.curves, first.curves)]
+    untimed = lambda curves: [{k: v for k, v in c.items() if "seconds" not in k} for c in curves]
+    assert untimed(first.curves) == untimed(second.curves)
     assert first.val_miou_start is not None and first.best_epoch in (1, 2)
     with pytest.raises(DataError):
         fine_tune(segmenter, Dataset(val), embeddings, config, progress=False)
@@ -234,3 +236,20 @@ def test_gate() -> None:
     assert not promoted and "v0002" in reason
     assert gate(None, None, 0.005, "base")[0] is False
     assert Box(0, 0, 1, 1) == jitter(Box(0, 0, 1, 1), np.random.default_rng(0), 0.0, 10, 10)
+
+
+def test_label_studio_project_via_sdk(label_studio, ls_project: int, dataset: Dataset) -> None:
+    """A real Label Studio project: exported through label-studio-sdk, its image fetched with the token."""
+    tasks, masks = make_ls_export(dataset)
+    result = [r for r in tasks[0]["annotations"][1]["result"] if r["type"] != "polygonlabels"]  # no polygon tag
+    (task_id,) = label_studio.upload_images(ls_project, [DATASET / "images" / "0045.png"])
+    label_studio.create_annotation(task_id, result)
+    label_studio.create_annotation(task_id, result[:1], was_cancelled=True)
+    data = load_data(f"ls://{ls_project}", label_studio.url, label_studio.token)
+    assert data.summary["objects"] == 3 and data.summary["skipped"]["cancelled_annotations"] == 1
+    assert data.summary["source"].endswith(f"/projects/{ls_project}")
+    (image,) = data.images
+    assert [np.array_equal(s.mask, m) for s, m in zip(image.samples, masks)] == [True, True, True]
+    assert np.array_equal(image.load_image(), read_image(DATASET / "images" / "0045.png"))
+    with pytest.raises(DataError, match="cannot export"):
+        load_data("ls://999999", label_studio.url, label_studio.token)

@@ -312,15 +312,32 @@ def _region_label(region: dict) -> str:
     return "object"
 
 
+MAX_MASK_PIXELS = 100_000_000  # a region's original_width x original_height
+MAX_RLE_LENGTH = 50_000_000  # ints in a brush RLE
+MAX_POLYGON_POINTS = 100_000
+
+
 def _region_mask(region: dict, kind: str) -> np.ndarray:
-    """bool (H, W) from a brush RLE or a polygon in percent."""
+    """bool (H, W) from a brush RLE or a polygon in percent; oversized regions raise ValueError (skipped)."""
     height, width = int(region["original_height"]), int(region["original_width"])
+    if not (0 < height and 0 < width and height * width <= MAX_MASK_PIXELS):
+        raise ValueError(f"region size {width}x{height} is out of range")
     value = region["value"]
     if kind == "brush":
         from label_studio_sdk.converter.brush import decode_rle
 
-        return decode_rle(value["rle"]).reshape(height, width, 4)[:, :, 3] > 127
+        rle = value["rle"]
+        if not isinstance(rle, list) or not 4 <= len(rle) <= MAX_RLE_LENGTH:
+            raise ValueError(f"brush RLE is not a list of 4 to {MAX_RLE_LENGTH} ints")
+        declared = int.from_bytes(bytes(int(b) & 0xFF for b in rle[:4]), "big")  # the header's value count
+        if declared != height * width * 4:  # checked before decode_rle allocates it
+            raise ValueError(f"brush RLE declares {declared} values, not {width}x{height}x4")
+        return decode_rle(rle).reshape(height, width, 4)[:, :, 3] > 127
+    if not isinstance(value["points"], list) or not 3 <= len(value["points"]) <= MAX_POLYGON_POINTS:
+        raise ValueError(f"a polygon needs 3 to {MAX_POLYGON_POINTS} points")
     points = np.array([[p[0] * width / 100.0, p[1] * height / 100.0] for p in value["points"]], dtype=np.float64)
+    if not np.isfinite(points).all():
+        raise ValueError("polygon points must be finite numbers")
     canvas = np.zeros((height, width), dtype=np.uint8)
     cv2.fillPoly(canvas, [np.round(points * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
     return canvas.astype(bool)

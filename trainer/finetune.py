@@ -137,7 +137,8 @@ def dice_bce_iou_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torc
 def seed_mse_loss(logits: torch.Tensor, embedding: Embedding, masks: list[np.ndarray]) -> torch.Tensor:
     """The popular recipe: MSE(normalize(threshold(upscaled, 0, 0)), gt) at the original size.
 
-    With one mask channel this is piecewise constant in the logits: its gradient is exactly zero.
+    With one mask channel this is piecewise constant in the logits: its gradient is zero (exactly, or float
+    rounding of ~1e-9 from normalize's backward, which Adam's scaling can still turn into a slow random walk).
     """
     size = embedding.input_size
     new_h, new_w = embedding.resized_size
@@ -247,9 +248,15 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
     decoder = trainable_copy(segmenter.model.sam.mask_decoder, start_state)
     # fused: one kernel per tensor; the per-op loop costs ~1.7 s a step on a busy 2-core machine
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    val_eval = lambda: evaluate(segmenter, embeddings, val, frozen(decoder), config.max_val_objects)["miou"] if val else None
-    start = val_eval()
-    best = FineTuneResult({k: v.detach().clone() for k, v in decoder.state_dict().items()}, start, None, 0)
+
+    def val_miou() -> float | None:
+        return evaluate(segmenter, embeddings, val, frozen(decoder), config.max_val_objects)["miou"] if val else None
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+
+    start = val_miou()
+    best = FineTuneResult(snapshot(), start, None, 0)
     log.info("epoch 0: val mIoU %s (starting decoder)", start)
     for epoch in range(1, config.epochs + 1):
         began, losses, rng = time.perf_counter(), [], np.random.default_rng([config.seed, epoch, 1])
@@ -265,15 +272,16 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        miou = val_eval()
+        trained = time.perf_counter() - began
+        miou = val_miou()
         best.curves.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_miou": miou,
-                            "objects": sum(len(p) for _, p in plan), "seconds": round(time.perf_counter() - began, 2)})
+                            "objects": sum(len(p) for _, p in plan), "train_seconds": round(trained, 2),
+                            "seconds": round(time.perf_counter() - began, 2)})
         log.info("epoch %d: train loss %.4f, val mIoU %s, %.1f s", epoch, best.curves[-1]["train_loss"], miou,
                  best.curves[-1]["seconds"])
         if miou is None or best.best_epoch == 0 or miou > best.val_miou_best:  # no val: keep the last epoch
-            best.state = {k: v.detach().clone() for k, v in decoder.state_dict().items()}
-            best.val_miou_best, best.best_epoch = miou, epoch
-        elif epoch - best.best_epoch >= config.patience:
+            best.state, best.val_miou_best, best.best_epoch = snapshot(), miou, epoch
+        elif epoch - best.best_epoch >= config.patience and epoch < config.epochs:
             log.info("early stop: no better val mIoU since epoch %d", best.best_epoch)
             break
     return best
