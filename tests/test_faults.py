@@ -261,7 +261,9 @@ from trainer.models import load_model
 from trainer.runtime import Segmenter
 from trainer.worker import run_job
 
-config = FineTuneConfig(epochs=1, max_objects_per_image=1, margin=-1.0)  # margin -1: always promoted
+# margin -1: always promoted; JOB_EPOCHS: a long run for the kills timed by a delay, so the job cannot finish first
+epochs = int(os.environ.get("JOB_EPOCHS", "1"))
+config = FineTuneConfig(epochs=epochs, patience=epochs, max_objects_per_image=1, margin=-1.0)
 run_job(JobStore(Path(model_dir) / "jobs.sqlite"), int(job_id), Segmenter(load_model("lite_medsam")),
         lambda project: load_coco(coco), Path(model_dir), config, keep_last=5)
 """
@@ -329,6 +331,8 @@ def run_killed_job(model_dir: Path, coco: Path, kill: dict, timeout: float = 120
     env = {**os.environ, "LOG_LEVEL": "WARNING"}
     if "crash_at" in kill:
         env["REGISTRY_CRASH_AT"] = kill["crash_at"]
+    if "delay" in kill:
+        env["JOB_EPOCHS"] = "200"
     dispatcher = Dispatcher(store, model_dir, job_command(model_dir, coco), env=env)
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("job", dispatcher.run_once()), daemon=True)
