@@ -42,6 +42,7 @@ from benchmarks.common import machine  # noqa: E402
 from tests import dataset, fuzzing  # noqa: E402
 from tests import test_faults as faults  # noqa: E402
 from tests.backend_server import start_backend  # noqa: E402
+from tests.label_studio import rect_result  # noqa: E402
 
 TOKEN = "robustness-token"
 IMAGE_IDS = (6, 13)
@@ -130,11 +131,7 @@ def label_studio_stand_in(hostile_url: str) -> Iterator[str]:
 
 # -- request helpers ---------------------------------------------------------------------------------------------
 def box_region(annotation: dict, width: int, height: int) -> dict:
-    x, y, w, h = annotation["bbox"]
-    return {"type": "rectanglelabels", "from_name": "box", "to_name": "image", "original_width": width,
-            "original_height": height, "value": {"x": 100 * x / width, "y": 100 * y / height,
-                                                 "width": 100 * w / width, "height": 100 * h / height,
-                                                 "rectanglelabels": ["nucleus"]}}
+    return rect_result(*annotation["bbox"], width, height, "nucleus")
 
 
 def real_task(image_id: int, n_boxes: int, url: str | None = None, task_id: int = 1) -> dict:

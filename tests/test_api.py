@@ -10,6 +10,7 @@ from ml_backend.app import create_app
 from ml_backend.backend import SamBackend
 from ml_backend.settings import Settings
 from tests import dataset
+from tests.label_studio import rect_result
 from tests.image_server import serve_files
 
 TOKEN = "test-token-123"
@@ -44,11 +45,7 @@ def client(tmp_path_factory, rotated_jpeg):
 
 
 def box_region(annotation: dict, width: int, height: int) -> dict:
-    x, y, w, h = annotation["bbox"]
-    return {"type": "rectanglelabels", "from_name": "box", "to_name": "image", "original_width": width,
-            "original_height": height, "value": {"x": 100 * x / width, "y": 100 * y / height,
-                                                 "width": 100 * w / width, "height": 100 * h / height,
-                                                 "rectanglelabels": ["nucleus"]}}
+    return rect_result(*annotation["bbox"], width, height, "nucleus")
 
 
 def task(image_id: int, n_boxes: int, task_id: int | None = None, url: str | None = None) -> dict:
