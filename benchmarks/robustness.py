@@ -347,7 +347,7 @@ def hostile_urls(url: str, ls_port: int, listeners: list[Listener]) -> dict:
         f"http://[::ffff:127.0.0.1]:{q}/x.png", f"http://127.0.0.1:{q}#@127.0.0.1:{ls_port}/x.png",
         f"http://127.0.0.1:{ls_port}/data/upload/1/redirect.png",  # Label Studio origin redirecting away
         "/data/upload/1/redirect.png", "s3://bucket/key.png", "gs://bucket/key.png", "azure-blob://c/key.png",
-        f"file:///proc/self/environ", f"gopher://127.0.0.2:{p}/", f"ftp://127.0.0.2:{p}/x.png",
+        "file:///proc/self/environ", f"gopher://127.0.0.2:{p}/", f"ftp://127.0.0.2:{p}/x.png",
         f"data:text/html,<img src=http://127.0.0.2:{p}/>",
     ]
     session = requests.Session()

@@ -7,7 +7,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from tests import dataset
 from tests.backend_server import start_backend
-from tests.label_studio import SAM_LABEL_CONFIG, rect_result
+from tests.label_studio import rect_result
 
 IMAGES = dataset.splits()["test"][:10]  # 286 nuclei in 10 images of 4 sizes
 MEAN_IOU_FLOOR = 0.68  # measured 0.701 here for base LiteMedSAM on these images (whole test split: ~0.745)

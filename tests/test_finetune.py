@@ -12,8 +12,9 @@ import torch
 from trainer.cache import DiskEmbeddings, image_key
 from trainer.data import (DataError, Dataset, ImageSamples, assign_splits, load_coco, load_data,
                           load_label_studio_export, read_image)
-from trainer.finetune import (FineTuneConfig, TrainingEmbeddings, evaluate, fine_tune, gate, jitter,
-                              low_res_target, sample_loss, trainable_copy)
+from trainer.decoder import decode_windows, prepare_image
+from trainer.finetune import (FineTuneConfig, TrainingEmbeddings, dice_bce_iou_loss, evaluate, fine_tune, gate,
+                              input_boxes, jitter, low_res_target, sample_loss, trainable_copy, window_forward)
 from trainer.models import load_model
 from trainer.runtime import Segmenter
 from trainer.types import Box
@@ -188,6 +189,34 @@ def test_low_res_target_and_jitter(dataset: Dataset, embeddings: TrainingEmbeddi
     moved = [jitter(sample.box, rng, 0.05, 256, 256) for _ in range(20)]
     width = sample.box.x1 - sample.box.x0
     assert all(abs(m.x0 - sample.box.x0) <= 0.05 * width + 1e-6 for m in moved) and len(set(moved)) == 20
+
+
+def test_training_forward_is_the_serving_forward(segmenter: Segmenter, dataset: Dataset,
+                                                 embeddings: TrainingEmbeddings) -> None:
+    (image,) = by_id(dataset, 12)
+    embedding, boxes = embeddings.get(image), [s.box for s in image.samples[:3]]
+    decoder = trainable_copy(segmenter.model.sam.mask_decoder)
+    logits, iou, windows = window_forward(segmenter, decoder, embedding, boxes)
+    assert logits[0].requires_grad and iou.shape == (3,)
+    prompt_encoder = segmenter.model.sam.prompt_encoder
+    with torch.no_grad():
+        tokens = prepare_image(decoder, prompt_encoder, embedding.features)
+        for box, logit, (y0, x0, y1, x1), score in zip(boxes, logits, windows, iou):
+            sparse, _ = prompt_encoder(points=None, boxes=input_boxes([box], embedding), masks=None)
+            (served,) = decode_windows(decoder, tokens, sparse, [segmenter.grid_window(embedding, box, ())])
+            assert (served.y0, served.x0) == (y0, x0) and served.logits.shape == (y1 - y0, x1 - x0)
+            assert torch.allclose(served.logits, logit, atol=1e-4) and served.iou == pytest.approx(float(score), abs=1e-5)
+
+
+def test_loss_counts_target_outside_the_window_as_missed() -> None:
+    target = torch.zeros(256, 256)
+    target[10:20, 10:30] = 1.0  # 200 pixels, half of them outside the window below
+    logits = [torch.full((10, 10), -20.0)]
+    logits[0][:, :] = 20.0  # predicts exactly the part inside the window
+    inside_only = dice_bce_iou_loss(logits, torch.tensor([0.5]), [target], [(10, 10, 20, 20)])
+    assert float(inside_only) == pytest.approx(1 - (2 * 100 + 1) / (100 + 200 + 1) + 0.0, abs=1e-3)
+    whole = dice_bce_iou_loss([torch.full((10, 20), 20.0)], torch.tensor([1.0]), [target], [(10, 10, 20, 30)])
+    assert float(whole) < 1e-3  # exact mask, IoU head right: no loss
 
 
 @pytest.mark.parametrize("loss", ["dice-bce", "seed-mse"])

@@ -7,7 +7,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from ml_backend import protocol
 from ml_backend.protocol import ProtocolError
-from trainer.types import Box, Mask
+from trainer.types import Mask
 
 CONFIG = """<View>
   <Image name="image" value="$img"/>

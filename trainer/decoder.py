@@ -5,6 +5,9 @@ Numerically the same network as `segment_anything.modeling.MaskDecoder` (tests c
   image, so they are computed once per image (`ImageTokens`);
 - the mask upscaling convolutions are pixel-local (2x2 stride-2 transposed convs, per-pixel norm),
   so they run only on the grid cells around the box instead of the whole 64x64 grid.
+Serving (`Segmenter.decode`) and fine-tuning (`finetune.window_forward`) both run it, so training optimises
+exactly the masks that are served (background outside the box's window), at about half the cost of a step
+through SAM's own forward.
 """
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder
 from segment_anything.modeling.transformer import Attention
+
+UPSCALE = 4  # low-res mask pixels per grid cell: two stride-2 transposed convolutions
 
 
 @dataclass(frozen=True)
@@ -103,11 +107,11 @@ def _transformer(decoder: MaskDecoder, image: ImageTokens, tokens: torch.Tensor)
     return transformer.norm_final_attn(queries + out), keys
 
 
-def decode_windows(decoder: MaskDecoder, image: ImageTokens, sparse: torch.Tensor,
-                   windows: list[tuple[int, int, int, int]]) -> list[LowResMask]:
-    """sparse (B, N, C) prompt embeddings, one grid window (gy0, gx0, gy1, gx1) per prompt.
-
-    Returns the single-mask output (multimask off) of each prompt, upscaled only inside its window.
+def window_logits(decoder: MaskDecoder, image: ImageTokens, sparse: torch.Tensor,
+                  windows: list[tuple[int, int, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """sparse (B, N, C) prompt embeddings, one grid window (gy0, gx0, gy1, gx1) per prompt ->
+    the single-mask (multimask off) logits of each prompt on its window of the low-res frame
+    (UPSCALE (gy1 - gy0), UPSCALE (gx1 - gx0)), and the predicted IoUs (B,). Differentiable (fine-tuning uses it).
     """
     b = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -117,10 +121,16 @@ def decode_windows(decoder: MaskDecoder, image: ImageTokens, sparse: torch.Tenso
     hyper = decoder.output_hypernetworks_mlps[0](queries[:, 1, :])  # (B, C/8)
     h, w = image.grid
     src = keys.transpose(1, 2).reshape(b, -1, h, w)
-    scale = 4  # two stride-2 transposed convolutions
-    results = []
+    logits = []
     for i, (gy0, gx0, gy1, gx1) in enumerate(windows):
-        upscaled = decoder.output_upscaling(src[i : i + 1, :, gy0:gy1, gx0:gx1])  # (1, C/8, 4gh, 4gw)
-        logits = torch.einsum("c,chw->hw", hyper[i], upscaled[0])
-        results.append(LowResMask(logits=logits, y0=gy0 * scale, x0=gx0 * scale, iou=float(iou[i])))
-    return results
+        upscaled = decoder.output_upscaling(src[i : i + 1, :, gy0:gy1, gx0:gx1])  # (1, C/8, 4 gh, 4 gw)
+        logits.append(torch.einsum("c,chw->hw", hyper[i], upscaled[0]))
+    return logits, iou
+
+
+def decode_windows(decoder: MaskDecoder, image: ImageTokens, sparse: torch.Tensor,
+                   windows: list[tuple[int, int, int, int]]) -> list[LowResMask]:
+    """Like `window_logits`, as one `LowResMask` per prompt (window origin in low-res pixels)."""
+    logits, iou = window_logits(decoder, image, sparse, windows)
+    return [LowResMask(logits=l, y0=gy0 * UPSCALE, x0=gx0 * UPSCALE, iou=float(iou[i]))
+            for i, (l, (gy0, gx0, _, _)) in enumerate(zip(logits, windows))]

@@ -1,7 +1,8 @@
 """Decoder-only fine-tuning of SAM on box-prompted masks, evaluation, and the gated registry write.
 
 Image and prompt encoders stay frozen; each image is encoded once (the embedding goes to the disk cache that
-serving reads, under the same key) and reused every epoch. Only a copy of the mask decoder is trained.
+serving reads, under the same key) and reused every epoch. Only a copy of the mask decoder is trained, through
+the same windowed forward that serves masks (`decoder.window_logits`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from segment_anything.modeling import MaskDecoder
 
 from .cache import DiskEmbeddings, EmbeddingCache, image_key
 from .data import DataError, Dataset, ImageSamples, Sample
+from .decoder import UPSCALE, prepare_image, window_logits
 from .registry import Registry
 from .runtime import BASE_VERSION, Segmenter
 from .types import Box, Embedding, Prompts
@@ -109,9 +111,9 @@ def jitter(box: Box, rng: np.random.Generator, fraction: float, width: int, heig
     return box if moved.is_empty else moved
 
 
-def decoder_forward(segmenter: Segmenter, decoder: MaskDecoder, embedding: Embedding,
-                    boxes: list[Box]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's standard differentiable decoder forward: -> low-res logits (B, 1, 256, 256), IoU (B, 1)."""
+def sam_forward(segmenter: Segmenter, decoder: MaskDecoder, embedding: Embedding,
+                boxes: list[Box]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's own decoder forward, as the popular recipe runs it: -> low-res logits (B, 1, 256, 256), IoU (B, 1)."""
     prompt_encoder = segmenter.model.sam.prompt_encoder
     with torch.no_grad():
         sparse, dense = prompt_encoder(points=None, boxes=input_boxes(boxes, embedding), masks=None)
@@ -120,18 +122,38 @@ def decoder_forward(segmenter: Segmenter, decoder: MaskDecoder, embedding: Embed
                    dense_prompt_embeddings=dense, multimask_output=False)
 
 
-# -- losses -----------------------------------------------------------------------------------------------
-def dice_bce_iou_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
-                      iou_weight: float = 1.0) -> torch.Tensor:
-    """logits (B, 1, h, w), iou_pred (B, 1), target (B, 1, h, w) in [0, 1] -> Dice + BCE + w * MSE(IoU)."""
-    prob = logits.sigmoid().flatten(1)
-    flat = target.flatten(1)
-    dice = 1 - (2 * (prob * flat).sum(1) + 1) / (prob.sum(1) + flat.sum(1) + 1)
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+def window_forward(segmenter: Segmenter, decoder: MaskDecoder, embedding: Embedding,
+                   boxes: list[Box]) -> tuple[list[torch.Tensor], torch.Tensor, list[tuple[int, int, int, int]]]:
+    """The serving decoder path, differentiable: per box, logits on its window of the low-res frame (serving
+    predicts background outside it), the predicted IoUs (B,), and the windows (y0, x0, y1, x1) in low-res pixels.
+    """
+    prompt_encoder = segmenter.model.sam.prompt_encoder
     with torch.no_grad():
-        pred, truth = logits.flatten(1) > 0, flat > 0.5
-        true_iou = (pred & truth).sum(1) / (pred | truth).sum(1).clamp(min=1)
-    return dice.mean() + bce + iou_weight * F.mse_loss(iou_pred[:, 0], true_iou.float())
+        sparse, _ = prompt_encoder(points=None, boxes=input_boxes(boxes, embedding), masks=None)
+    image = prepare_image(decoder, prompt_encoder, embedding.features)
+    grid_windows = [segmenter.grid_window(embedding, box, ()) for box in boxes]
+    logits, iou = window_logits(decoder, image, sparse, grid_windows)
+    return logits, iou, [tuple(UPSCALE * v for v in window) for window in grid_windows]
+
+
+# -- losses -----------------------------------------------------------------------------------------------
+def dice_bce_iou_loss(logits: list[torch.Tensor], iou_pred: torch.Tensor, targets: list[torch.Tensor],
+                      windows: list[tuple[int, int, int, int]], iou_weight: float = 1.0) -> torch.Tensor:
+    """Per object: logits (h, w) on its window (y0, x0, y1, x1) of the low-res frame, target (256, 256) in [0, 1]
+    -> mean over objects of Dice + BCE on the window, + iou_weight * MSE(iou_pred (B,), true IoU).
+
+    Target pixels outside the window count as missed: serving predicts background there.
+    """
+    mask_losses, true_ious = [], []
+    for logit, target, (y0, x0, y1, x1) in zip(logits, targets, windows):
+        inside = target[y0:y1, x0:x1]
+        prob = logit.sigmoid()
+        dice = 1 - (2 * (prob * inside).sum() + 1) / (prob.sum() + target.sum() + 1)
+        mask_losses.append(dice + F.binary_cross_entropy_with_logits(logit, inside))
+        with torch.no_grad():
+            hits = ((logit > 0) & (inside > 0.5)).sum()
+            true_ious.append(hits / ((logit > 0).sum() + (target > 0.5).sum() - hits).clamp(min=1))
+    return torch.stack(mask_losses).mean() + iou_weight * F.mse_loss(iou_pred, torch.stack(true_ious).float())
 
 
 def seed_mse_loss(logits: torch.Tensor, embedding: Embedding, masks: list[np.ndarray]) -> torch.Tensor:
@@ -151,11 +173,13 @@ def seed_mse_loss(logits: torch.Tensor, embedding: Embedding, masks: list[np.nda
 def sample_loss(segmenter: Segmenter, decoder: MaskDecoder, embedding: Embedding, samples: list[Sample],
                 boxes: list[Box], config: FineTuneConfig) -> torch.Tensor:
     """The training loss of some objects of one image, prompted with the given (jittered) boxes."""
-    logits, iou_pred = decoder_forward(segmenter, decoder, embedding, boxes)
     if config.loss == "seed-mse":
+        logits, _ = sam_forward(segmenter, decoder, embedding, boxes)
         return seed_mse_loss(logits, embedding, [s.mask for s in samples])
-    target = torch.stack([low_res_target(s, embedding, logits.shape[-1]) for s in samples]).unsqueeze(1)
-    return dice_bce_iou_loss(logits, iou_pred, target, config.iou_loss_weight)
+    logits, iou_pred, windows = window_forward(segmenter, decoder, embedding, boxes)
+    low_res = UPSCALE * embedding.features.shape[-1]
+    targets = [low_res_target(s, embedding, low_res) for s in samples]
+    return dice_bce_iou_loss(logits, iou_pred, targets, windows, config.iou_loss_weight)
 
 
 # -- evaluation -------------------------------------------------------------------------------------------
