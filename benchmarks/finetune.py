@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,8 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
+from benchmarks.common import machine as common_machine  # noqa: E402
 from trainer.cache import DiskEmbeddings  # noqa: E402
 from trainer.data import ImageSamples, load_coco  # noqa: E402
 from trainer.finetune import FineTuneConfig, TrainingEmbeddings, evaluate, train_and_register  # noqa: E402
@@ -36,9 +34,7 @@ TARGET_SECONDS = 600.0
 
 
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    return {**common_machine(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def test_eval(segmenter: Segmenter, embeddings: TrainingEmbeddings, images: list[ImageSamples],

@@ -8,10 +8,11 @@ import time
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from trainer.images import parse_allowed_hosts
+
 from . import protocol
 from .auth import install_auth
 from .backend import SamBackend
-from .images import parse_allowed_hosts
 from .settings import Settings
 from .webhooks import parse_webhook
 from .worker import Training

@@ -13,13 +13,13 @@ import torch
 
 from trainer.active import ActiveDecoders
 from trainer.cache import DiskEmbeddings, EmbeddingCache, image_key
+from trainer.images import ImageError, ImageLoader, ImageSource, parse_allowed_hosts
 from trainer.models import load_model
 from trainer.registry import PROJECT_NAME
 from trainer.runtime import Segmenter
 from trainer.types import Prompts
 
 from . import protocol
-from .images import ImageError, ImageLoader, ImageSource, parse_allowed_hosts
 from .settings import Settings
 
 log = logging.getLogger("ml_backend")

@@ -12,15 +12,15 @@ import sys
 import time
 from datetime import timedelta
 
-from trainer.data import load_label_studio_project
+from trainer.data import load_label_studio_project, task_image_loader
 from trainer.finetune import FineTuneConfig
 from trainer.jobs import JobStore, TriggerPolicy
 from trainer.models import load_model
 from trainer.registry import Registry, RegistryError
 from trainer.runtime import BASE_VERSION, Segmenter
+from trainer.images import ImageSource, parse_allowed_hosts
 from trainer.worker import Dispatcher, run_job
 
-from .images import ImageLoader, ImageSource, parse_allowed_hosts
 from .logs import configure
 from .settings import Settings
 
@@ -85,11 +85,10 @@ def _load_project(settings: Settings, project: str):
     if not url or not token:
         raise RuntimeError(f"project {project}: no Label Studio URL/token (set LABEL_STUDIO_URL and "
                            "LABEL_STUDIO_API_KEY, or connect the project so /setup provides them)")
-    loader = ImageLoader(ImageSource(url, token, allowed_hosts=parse_allowed_hosts(settings.allowed_image_hosts),
-                                     timeout_s=settings.image_timeout_s, max_pixels=settings.max_image_pixels,
-                                     max_bytes=settings.max_image_bytes,
-                                     allow_private=settings.allow_private_image_hosts))
-    return load_label_studio_project(int(project), url, token, lambda u, task: loader.load(u, task.get("id")))
+    source = ImageSource(url, token, allowed_hosts=parse_allowed_hosts(settings.allowed_image_hosts),
+                         timeout_s=settings.image_timeout_s, max_pixels=settings.max_image_pixels,
+                         max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_image_hosts)
+    return load_label_studio_project(int(project), source, task_image_loader(source))
 
 
 def main(argv: list[str] | None = None) -> int:

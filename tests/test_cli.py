@@ -5,8 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,9 +16,9 @@ DATASET = REPO.parent / "shared" / "datasets" / "dsb2018_nuclei"
 SUBSET = {"train": [4, 12, 25], "val": [93], "test": [62]}  # small 256x256 images, 3-4 nuclei each
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
-    env["LOG_LEVEL"] = "WARNING"
+def run(*args: str, check: bool = True, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "ALLOW"))}
+    env.update(LOG_LEVEL="WARNING", **(env_extra or {}))
     done = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     if check:
@@ -126,3 +128,45 @@ def test_errors_are_one_line_exit_2(args: list[str], message: str, trained: tupl
 def test_rollback_without_history_fails_cleanly(tmp_path: Path) -> None:
     done = run("rollback", "--project", "empty", "--model-dir", str(tmp_path), check=False)
     assert done.returncode == 2 and "no earlier version" in done.stderr
+
+
+def test_export_images_follow_the_backend_url_rules(tmp_path: Path) -> None:
+    """`--data export.json` fetches http(s) images only from allow-listed hosts, as the backend does: a
+    listener on 127.0.0.2 is never hit unless ALLOWED_IMAGE_HOSTS (and ALLOW_PRIVATE_IMAGE_HOSTS) let it."""
+    from label_studio_sdk.converter.brush import mask2rle
+    from werkzeug.serving import make_server
+    from werkzeug.wrappers import Request, Response
+
+    from tests import dataset
+    from trainer.data import load_label_studio_export
+
+    hits = []
+
+    @Request.application
+    def app(request: Request) -> Response:
+        hits.append(request.path)
+        return Response(dataset.image_path(4).read_bytes(), mimetype="image/png")
+
+    server = make_server("127.0.0.2", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        masks = [dataset.gt_mask(a) for a in dataset.annotations(4)]
+        regions = [{"id": f"r{i}", "from_name": "mask", "to_name": "image", "type": "brushlabels",
+                    "original_width": m.shape[1], "original_height": m.shape[0],
+                    "value": {"format": "rle", "rle": mask2rle(m.astype(np.uint8) * 255), "brushlabels": ["nucleus"]}}
+                   for i, m in enumerate(masks)]
+        url = f"http://127.0.0.2:{server.server_port}/pics/4.png"
+        tasks = [{"id": 7, "data": {"image": url}, "annotations": [{"id": 1, "result": regions}]}]
+        (export := tmp_path / "export.json").write_text(json.dumps(tasks))
+        (split,) = {i.split for i in load_label_studio_export(tasks, lambda u, t: None).images}
+        where = ["eval", "--data", str(export), "--split", split, "--version", "base", "--project", "p",
+                 "--model-dir", str(tmp_path / "models"), "--json"]
+        refused = run(*where, check=False)
+        assert refused.returncode == 2 and "127.0.0.2" in refused.stderr and "Traceback" not in refused.stderr
+        assert hits == []
+        allowed = run(*where, env_extra={"ALLOWED_IMAGE_HOSTS": f"127.0.0.2:{server.server_port}",
+                                         "ALLOW_PRIVATE_IMAGE_HOSTS": "true"})
+        assert last_json(allowed)["n_objects"] == len(masks) and last_json(allowed)["miou"] > 0.5
+        assert hits == ["/pics/4.png"]
+    finally:
+        server.shutdown()

@@ -15,6 +15,7 @@ from trainer.data import (DataError, Dataset, ImageSamples, assign_splits, load_
 from trainer.decoder import decode_windows, prepare_image
 from trainer.finetune import (FineTuneConfig, TrainingEmbeddings, dice_bce_iou_loss, evaluate, fine_tune, gate,
                               input_boxes, jitter, low_res_target, sample_loss, trainable_copy, window_forward)
+from trainer.images import ImageSource
 from trainer.models import load_model
 from trainer.runtime import Segmenter
 from trainer.types import Box
@@ -217,9 +218,13 @@ def test_loss_counts_target_outside_the_window_as_missed() -> None:
     assert float(inside_only) == pytest.approx(1 - (2 * 100 + 1) / (100 + 200 + 1) + 0.0, abs=1e-3)
     whole = dice_bce_iou_loss([torch.full((10, 20), 20.0)], torch.tensor([1.0]), [target], [(10, 10, 20, 30)])
     assert float(whole) < 1e-3  # exact mask, IoU head right: no loss
+    unsure = [torch.zeros(10, 20)]  # p = 0.5 everywhere: BCE log 2; focal (alpha 0.25, gamma 2) 20 * log 2 / 8
+    bce = dice_bce_iou_loss(unsure, torch.tensor([0.0]), [target], [(10, 10, 20, 30)])
+    focal = dice_bce_iou_loss(unsure, torch.tensor([0.0]), [target], [(10, 10, 20, 30)], focal=True)
+    assert float(focal - bce) == pytest.approx((20 * 0.25 * 0.25 - 1) * np.log(2), abs=1e-4)
 
 
-@pytest.mark.parametrize("loss", ["dice-bce", "seed-mse"])
+@pytest.mark.parametrize("loss", ["dice-bce", "dice-focal", "seed-mse"])
 def test_decoder_gradients(loss: str, segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbeddings) -> None:
     (image,) = by_id(dataset, 12)
     decoder = trainable_copy(segmenter.model.sam.mask_decoder)
@@ -229,7 +234,7 @@ def test_decoder_gradients(loss: str, segmenter: Segmenter, dataset: Dataset, em
     value.backward()
     grads = [p.grad.abs().max().item() for p in decoder.parameters() if p.grad is not None]
     assert all(not p.requires_grad for p in segmenter.model.sam.parameters())  # the base model stays frozen
-    if loss == "dice-bce":
+    if loss.startswith("dice"):
         assert max(grads) > 1e-4 and len(grads) > 100
     else:  # normalize(threshold(x)) over one channel is piecewise constant: its gradient is zero, up to
         # float rounding in normalize's backward (~1e-9 on some images; exactly 0.0 on this one)
@@ -274,11 +279,11 @@ def test_label_studio_project_via_sdk(label_studio, ls_project: int, dataset: Da
     (task_id,) = label_studio.upload_images(ls_project, [DATASET / "images" / "0045.png"])
     label_studio.create_annotation(task_id, result)
     label_studio.create_annotation(task_id, result[:1], was_cancelled=True)
-    data = load_data(f"ls://{ls_project}", label_studio.url, label_studio.token)
+    data = load_data(f"ls://{ls_project}", ImageSource(label_studio.url, label_studio.token))
     assert data.summary["objects"] == 3 and data.summary["skipped"]["cancelled_annotations"] == 1
     assert data.summary["source"].endswith(f"/projects/{ls_project}")
     (image,) = data.images
     assert [np.array_equal(s.mask, m) for s, m in zip(image.samples, masks)] == [True, True, True]
     assert np.array_equal(image.load_image(), read_image(DATASET / "images" / "0045.png"))
     with pytest.raises(DataError, match="cannot export"):
-        load_data("ls://999999", label_studio.url, label_studio.token)
+        load_data("ls://999999", ImageSource(label_studio.url, label_studio.token))

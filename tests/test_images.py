@@ -1,4 +1,4 @@
-"""Tests for ml_backend.images; real HTTP on loopback only (127.0.0.1 and 127.0.0.2).
+"""Tests for trainer.images; real HTTP on loopback only (127.0.0.1 and 127.0.0.2).
 
 Made-up host names (``*.example.test``) are answered by a fake resolver (``fake_dns``) that
 never does a real DNS lookup; tests of refused addresses outside loopback make any connection
@@ -29,8 +29,8 @@ import urllib3.util.connection
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from ml_backend import images
-from ml_backend.images import (ImageError, ImageLoader, ImageSource, address_problem, decode_image,
+from trainer import images
+from trainer.images import (ImageError, ImageLoader, ImageSource, address_problem, decode_image,
                                normalize_host, parse_allowed_hosts, redact_url)
 
 LEGACY = "legacytoken0123456789abcdef"
@@ -942,7 +942,7 @@ def test_pixel_limit_refused_before_decoding(ls):
 
 def test_bomb_warning_is_an_error_outside_pytest():
     code = (
-        "import warnings; from PIL import Image; import ml_backend.images;"
+        "import warnings; from PIL import Image; import trainer.images;"
         "f = [x for x in warnings.filters if x[2] is Image.DecompressionBombWarning];"
         "assert f and f[0][0] == 'error', f"
     )

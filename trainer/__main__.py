@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=defaults.epochs)
     train.add_argument("--lr", type=float, default=defaults.lr)
     train.add_argument("--loss", choices=LOSSES, default=defaults.loss,
-                       help="dice-bce (default) or seed-mse (the popular recipe; its gradient is zero: a baseline)")
+                       help="dice-bce (default), dice-focal (focal instead of BCE, 20:1 as in SAM's paper) or "
+                            "seed-mse (the popular recipe; its gradient is zero: a baseline)")
     train.add_argument("--max-objects-per-image", type=int, default=defaults.max_objects_per_image)
     train.add_argument("--max-objects-per-epoch", type=int, default=defaults.max_objects_per_epoch)
     train.add_argument("--patience", type=int, default=defaults.patience)
@@ -84,10 +85,19 @@ def _load_segmenter(args: argparse.Namespace):
 
 
 def _load_data(args: argparse.Namespace):
+    """--data through the backend's image rules: LABEL_STUDIO_URL / _API_KEY, ALLOWED_IMAGE_HOSTS,
+    ALLOW_PRIVATE_IMAGE_HOSTS (the same environment variables the backend reads)."""
     from .data import load_data
+    from .images import ImageSource, parse_allowed_hosts
 
-    return load_data(args.data, os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY"),
-                     val_fraction=args.val_fraction)
+    try:
+        hosts = parse_allowed_hosts(os.environ.get("ALLOWED_IMAGE_HOSTS", ""))
+    except ValueError as exc:
+        raise UsageError(f"ALLOWED_IMAGE_HOSTS: {exc}") from exc
+    source = ImageSource(os.environ.get("LABEL_STUDIO_URL") or None, os.environ.get("LABEL_STUDIO_API_KEY") or None,
+                         allowed_hosts=hosts, allow_private=os.environ.get("ALLOW_PRIVATE_IMAGE_HOSTS", "").strip().lower()
+                         in ("1", "true", "yes", "on"))
+    return load_data(args.data, source, val_fraction=args.val_fraction)
 
 
 def cmd_train(args: argparse.Namespace, registry) -> dict:

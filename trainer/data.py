@@ -5,9 +5,7 @@ large projects); `Sample.mask` gives the full (H, W) bool array when needed.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import logging
 import math
@@ -17,11 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
-from urllib.parse import parse_qs, urljoin, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import cv2
 import numpy as np
 
+from . import images
+from .images import ImageSource, decode_image
 from .types import Box, Mask
 
 log = logging.getLogger(__name__)
@@ -125,29 +125,19 @@ def _summarise(images: list[ImageSamples], source: str, skipped: dict | None = N
 
 
 # -- images -------------------------------------------------------------------------------------------
-def decode_image_bytes(data: bytes) -> np.ndarray:
-    """Encoded image -> RGB uint8 (H, W, 3), EXIF orientation applied (as Label Studio displays it)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I", "F"):
-            array = np.asarray(im, dtype=np.float64)
-            span = max(array.max() - array.min(), 1e-8)
-            gray = ((array - array.min()) / span * 255).round().astype(np.uint8)
-            return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(white, rgba)
-        return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
-
-
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, max_pixels: int = ImageSource.max_pixels) -> np.ndarray:
+    """An image file -> RGB uint8 (H, W, 3), decoded as serving decodes task images."""
     try:
-        return decode_image_bytes(Path(path).read_bytes())
-    except OSError as exc:
+        return decode_image(Path(path).read_bytes(), max_pixels)
+    except (OSError, ValueError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def read_json(path: Path) -> object:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise DataError(f"cannot read {path}: {exc}") from exc
 
 
 # -- COCO ---------------------------------------------------------------------------------------------
@@ -159,14 +149,11 @@ def load_coco(folder: Path | str, val_fraction: float = 0.2) -> Dataset:
     ann_path = folder / "annotations.json"
     if not ann_path.is_file():
         raise DataError(f"{folder} is not a COCO folder: annotations.json not found")
-    try:
-        coco = json.loads(ann_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {ann_path}: {exc}") from exc
+    coco = read_json(ann_path)
     categories = {c["id"]: c["name"] for c in coco.get("categories", [])}
     split_of: dict[int, str] = {}
     if (folder / "splits.json").is_file():
-        for name, ids in json.loads((folder / "splits.json").read_text()).items():
+        for name, ids in read_json(folder / "splits.json").items():
             split_of.update({int(i): name for i in ids})
     by_image: dict[int, list[dict]] = {}
     for ann in coco.get("annotations", []):
@@ -235,22 +222,19 @@ def load_label_studio_export(tasks: list[dict] | Path | str, image_loader: Image
 
     Each task uses one annotation: the ground-truth one if marked, else the most recently updated one that is
     not cancelled and holds a mask. Cancelled, empty and box-only annotations are skipped and counted.
-    image_loader(url, task) loads a task's image; for an export file the default reads local paths relative
-    to the file and fetches http(s) URLs.
+    image_loader(url, task) loads a task's image; the default (`task_image_loader`) reads an export file's local
+    paths and fetches nothing but data: URIs.
     """
     if not isinstance(tasks, list):
         path = Path(tasks)
         if not path.is_file():
             raise DataError(f"Label Studio export not found: {path}")
-        try:
-            tasks = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"cannot read Label Studio export {path}: {exc}") from exc
+        tasks = read_json(path)
         source = source or f"label-studio-export:{path}"
-        image_loader = image_loader or url_image_loader(root=path.parent)
+        image_loader = image_loader or task_image_loader(ImageSource(), root=path.parent)
     if not isinstance(tasks, list):
         raise DataError("a Label Studio JSON export must be a list of tasks")
-    image_loader = image_loader or url_image_loader()
+    image_loader = image_loader or task_image_loader(ImageSource())
     skipped = Counter()
     images = []
     for task in tasks:
@@ -434,65 +418,52 @@ def _ls_loader(loader: ImageLoader, url: str, task: dict, size: tuple[int, int])
     return load
 
 
-def url_image_loader(base_url: str | None = None, headers: Callable[[], dict] | None = None,
-                     root: Path | None = None, timeout: float = 30.0) -> ImageLoader:
-    """A minimal task-image loader: local paths (relative to root, or /data/local-files/?d=...), data: URIs,
-    http(s) URLs and Label Studio relative URLs (auth headers sent only to base_url's origin), and cloud URIs
-    through Label Studio's presign endpoint. Serving's loader (ml_backend.images) can be passed instead.
+def task_image_loader(source: ImageSource, root: Path | None = None) -> ImageLoader:
+    """Task images: an export's local files (relative to root, or /data/local-files/?d=...) are read from disk;
+    every other URL goes through serving's SSRF-checked loader (Label Studio with its token, ALLOWED_IMAGE_HOSTS,
+    cloud URIs through Label Studio's presign, data: URIs) and is refused otherwise.
     """
-    import requests
-
-    def same_origin(url: str) -> bool:
-        return bool(base_url) and urlsplit(url)[:2] == urlsplit(base_url)[:2]
-
-    def fetch(url: str) -> bytes:
-        response = requests.get(url, headers=(headers() if headers and same_origin(url) else {}), timeout=timeout)
-        if response.status_code != 200:
-            raise DataError(f"cannot fetch image {url.split('?')[0]}: HTTP {response.status_code}")
-        return response.content
+    remote = images.ImageLoader(source)
 
     def load(url: str, task: dict) -> np.ndarray:
-        parts = urlsplit(url)
-        if parts.scheme == "data":
-            return decode_image_bytes(base64.b64decode(url.split(",", 1)[1]))
-        if parts.path.startswith("/data/local-files") and root is not None:
-            local = parse_qs(parts.query).get("d", [""])[0]
-            for candidate in (Path("/") / local, root / local):
-                if candidate.is_file():
-                    return read_image(candidate)
-        if parts.scheme in ("http", "https"):
-            return decode_image_bytes(fetch(url))
-        if parts.scheme in ("s3", "gs", "azure-blob"):
-            if not base_url:
-                raise DataError(f"{parts.scheme}:// image needs LABEL_STUDIO_URL to be presigned")
-            fileuri = base64.urlsafe_b64encode(url.encode()).decode()
-            return decode_image_bytes(fetch(f"{base_url.rstrip('/')}/tasks/{task.get('id')}/presign/?fileuri={fileuri}"))
-        if not parts.scheme and root is not None and (root / url).is_file():
-            return read_image(root / url)
-        if not parts.scheme and url.startswith("/") and Path(url).is_file() and not url.startswith("/data/"):
-            return read_image(Path(url))
-        if not parts.scheme and base_url:
-            return decode_image_bytes(fetch(urljoin(base_url.rstrip("/") + "/", url.lstrip("/"))))
-        raise DataError(f"cannot load image {url.split('?')[0]}: set LABEL_STUDIO_URL or use local paths")
+        local = _local_file(url, root)
+        if local is not None:
+            return read_image(local, source.max_pixels)
+        try:
+            return remote.load(url, task.get("id"))
+        except images.ImageError as exc:
+            raise DataError(f"task {task.get('id')}: {exc}") from exc
 
     return load
 
 
+def _local_file(url: str, root: Path | None) -> Path | None:
+    parts = urlsplit(url)
+    if root is None or parts.scheme:
+        return None
+    name = parse_qs(parts.query).get("d", [""])[0] if parts.path.startswith("/data/local-files") else url
+    candidates = (root / name.lstrip("/"), Path(name)) if name else ()
+    return next((c for c in candidates if c.is_file()), None)
+
+
 # -- Label Studio project -------------------------------------------------------------------------------
-def load_label_studio_project(project_id: int, base_url: str, api_key: str,
-                              image_loader: ImageLoader | None = None, val_fraction: float = 0.2) -> Dataset:
-    """Export a Label Studio project's annotated tasks (JSON) through label-studio-sdk and parse them."""
+def load_label_studio_project(project_id: int, source: ImageSource, image_loader: ImageLoader | None = None,
+                              val_fraction: float = 0.2) -> Dataset:
+    """Export a Label Studio project's annotated tasks (JSON) through label-studio-sdk and parse them.
+
+    source: Label Studio's URL and token (legacy token or personal access token), and the image-fetching rules.
+    """
     from label_studio_sdk import LabelStudio
 
-    client = LabelStudio(base_url=base_url, api_key=api_key)
+    base_url = source.label_studio_url or ""
+    client = LabelStudio(base_url=base_url, api_key=source.token)
     try:
         project = client.projects.get(id=project_id)
         chunks = client.projects.exports.download_sync(id=project_id, export_type="JSON")
         tasks = json.loads(b"".join(chunks))
     except Exception as exc:  # the SDK raises its own ApiError, httpx errors, JSON errors
         raise DataError(f"cannot export Label Studio project {project_id} from {base_url}: {exc}") from exc
-    loader = image_loader or url_image_loader(base_url, client._client_wrapper.get_headers)
-    return load_label_studio_export(tasks, loader, image_data_key(project.label_config or ""), val_fraction,
+    return load_label_studio_export(tasks, image_loader or task_image_loader(source), image_data_key(project.label_config or ""), val_fraction,
                                     source=f"label-studio-project:{base_url.rstrip('/')}/projects/{project_id}")
 
 
@@ -509,32 +480,24 @@ def image_data_key(label_config: str) -> str | None:
 
 
 # -- entry point ----------------------------------------------------------------------------------------
-def load_data(spec: str, label_studio_url: str | None = None, api_key: str | None = None,
-              image_loader: ImageLoader | None = None, val_fraction: float = 0.2) -> Dataset:
-    """A COCO folder, a Label Studio JSON export file, or `ls://<project id>` (needs URL and API key)."""
+def load_data(spec: str, source: ImageSource = ImageSource(), val_fraction: float = 0.2) -> Dataset:
+    """A COCO folder, a Label Studio JSON export file, or `ls://<project id>` (needs source's URL and token).
+
+    source also says which image URLs of an export may be fetched (see `trainer.images`).
+    """
     if spec.startswith("ls://"):
         raw = spec[len("ls://"):].strip("/")
         if not raw.isdigit():
             raise DataError(f"{spec!r}: a Label Studio project is given as ls://<project id>")
-        if not label_studio_url or not api_key:
+        if not source.label_studio_url or not source.token:
             raise DataError("ls://<project id> needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-        return load_label_studio_project(int(raw), label_studio_url, api_key, image_loader, val_fraction)
+        return load_label_studio_project(int(raw), source, val_fraction=val_fraction)
     path = Path(spec)
     if path.is_dir():
         return load_coco(path, val_fraction)
     if path.is_file():
-        loader = image_loader or url_image_loader(label_studio_url, _ls_headers(label_studio_url, api_key), path.parent)
-        return load_label_studio_export(path, loader, val_fraction=val_fraction)
+        return load_label_studio_export(path, task_image_loader(source, root=path.parent), val_fraction=val_fraction)
     raise DataError(f"data path not found: {spec}")
-
-
-def _ls_headers(base_url: str | None, api_key: str | None) -> Callable[[], dict] | None:
-    """label-studio-sdk's auth headers (legacy token or personal access token) for base_url."""
-    if not base_url or not api_key:
-        return None
-    from label_studio_sdk import LabelStudio
-
-    return LabelStudio(base_url=base_url, api_key=api_key)._client_wrapper.get_headers
 
 
 def iter_samples(images: Iterable[ImageSamples]) -> Iterable[Sample]:

@@ -60,7 +60,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urljoin, urlsplit
 
 import numpy as np
 import requests
@@ -318,13 +318,20 @@ class _Url:
         return host if self.port == default else f"{host}:{self.port}"
 
 
-def _parse_url(url: str) -> _Url:
-    """Split and normalise an http(s) URL; _Failure (before any connection) if it is not one."""
+def _split_url(url: str) -> SplitResult:
+    """urlsplit, with a bad port found now: _Failure("malformed URL") before any connection."""
     try:
         parts = urlsplit(url)
-        port = parts.port  # raises ValueError on a bad port
+        _ = parts.port  # raises ValueError on a bad port
     except ValueError:
         raise _Failure("malformed URL") from None
+    return parts
+
+
+def _parse_url(url: str) -> _Url:
+    """Split and normalise an http(s) URL; _Failure (before any connection) if it is not one."""
+    parts = _split_url(url)
+    port = parts.port
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise _Failure(f"unsupported URL scheme {scheme or '(none)'!r}")
@@ -491,11 +498,7 @@ class ImageLoader:
     # ---- URL dispatch -------------------------------------------------------
 
     def _get_bytes(self, url: str, task_id: int | None) -> bytes:
-        try:
-            parts = urlsplit(url)
-            _ = parts.port  # raises ValueError on a bad port
-        except ValueError:
-            raise _Failure("malformed URL") from None
+        parts = _split_url(url)
         scheme = parts.scheme.lower()
         if scheme == "data":
             return self._data_uri(url)
