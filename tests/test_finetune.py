@@ -13,7 +13,7 @@ from trainer.cache import DiskEmbeddings, image_key
 from trainer.data import (DataError, Dataset, ImageSamples, assign_splits, load_coco, load_data,
                           load_label_studio_export, read_image)
 from trainer.decoder import decode_windows, prepare_image
-from trainer.finetune import (FineTuneConfig, TrainingEmbeddings, dice_bce_iou_loss, evaluate, fine_tune, gate,
+from trainer.finetune import (FineTuneConfig, TrainingEmbeddings, mask_and_iou_loss, evaluate, fine_tune, gate,
                               input_boxes, jitter, low_res_target, sample_loss, trainable_copy, window_forward)
 from trainer.images import ImageSource
 from trainer.models import load_model
@@ -214,13 +214,13 @@ def test_loss_counts_target_outside_the_window_as_missed() -> None:
     target[10:20, 10:30] = 1.0  # 200 pixels, half of them outside the window below
     logits = [torch.full((10, 10), -20.0)]
     logits[0][:, :] = 20.0  # predicts exactly the part inside the window
-    inside_only = dice_bce_iou_loss(logits, torch.tensor([0.5]), [target], [(10, 10, 20, 20)])
+    inside_only = mask_and_iou_loss(logits, torch.tensor([0.5]), [target], [(10, 10, 20, 20)])
     assert float(inside_only) == pytest.approx(1 - (2 * 100 + 1) / (100 + 200 + 1) + 0.0, abs=1e-3)
-    whole = dice_bce_iou_loss([torch.full((10, 20), 20.0)], torch.tensor([1.0]), [target], [(10, 10, 20, 30)])
+    whole = mask_and_iou_loss([torch.full((10, 20), 20.0)], torch.tensor([1.0]), [target], [(10, 10, 20, 30)])
     assert float(whole) < 1e-3  # exact mask, IoU head right: no loss
     unsure = [torch.zeros(10, 20)]  # p = 0.5 everywhere: BCE log 2; focal (alpha 0.25, gamma 2) 20 * log 2 / 8
-    bce = dice_bce_iou_loss(unsure, torch.tensor([0.0]), [target], [(10, 10, 20, 30)])
-    focal = dice_bce_iou_loss(unsure, torch.tensor([0.0]), [target], [(10, 10, 20, 30)], focal=True)
+    bce = mask_and_iou_loss(unsure, torch.tensor([0.0]), [target], [(10, 10, 20, 30)])
+    focal = mask_and_iou_loss(unsure, torch.tensor([0.0]), [target], [(10, 10, 20, 30)], focal=True)
     assert float(focal - bce) == pytest.approx((20 * 0.25 * 0.25 - 1) * np.log(2), abs=1e-4)
 
 

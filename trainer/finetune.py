@@ -139,7 +139,7 @@ def window_forward(segmenter: Segmenter, decoder: MaskDecoder, embedding: Embedd
 
 
 # -- losses -----------------------------------------------------------------------------------------------
-def dice_bce_iou_loss(logits: list[torch.Tensor], iou_pred: torch.Tensor, targets: list[torch.Tensor],
+def mask_and_iou_loss(logits: list[torch.Tensor], iou_pred: torch.Tensor, targets: list[torch.Tensor],
                       windows: list[tuple[int, int, int, int]], iou_weight: float = 1.0,
                       focal: bool = False) -> torch.Tensor:
     """Per object: logits (h, w) on its window (y0, x0, y1, x1) of the low-res frame, target (256, 256) in [0, 1]
@@ -183,7 +183,7 @@ def sample_loss(segmenter: Segmenter, decoder: MaskDecoder, embedding: Embedding
     logits, iou_pred, windows = window_forward(segmenter, decoder, embedding, boxes)
     low_res = UPSCALE * embedding.features.shape[-1]
     targets = [low_res_target(s, embedding, low_res) for s in samples]
-    return dice_bce_iou_loss(logits, iou_pred, targets, windows, config.iou_loss_weight,
+    return mask_and_iou_loss(logits, iou_pred, targets, windows, config.iou_loss_weight,
                              focal=config.loss == "dice-focal")
 
 
