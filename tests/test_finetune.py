@@ -162,6 +162,16 @@ def test_label_studio_export_file_with_local_images(dataset: Dataset, tmp_path: 
     path.write_text(json.dumps(tasks))
     data = load_data(str(path))
     assert data.summary["objects"] == 4 and data.images[0].load_image().shape[2] == 3
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").symlink_to(DATASET / "images" / "0045.png")
+    for url in ("pics/a.png", "/data/local-files/?d=pics/a.png"):  # relative to the export's folder
+        tasks[0]["data"]["image"] = url
+        path.write_text(json.dumps(tasks[:1]))
+        assert load_data(str(path)).images[0].load_image().shape == (*data.images[0].samples[0].image_size, 3)
+    tasks[0]["data"]["image"] = "/data/upload/1/a.png"  # not on disk, and no Label Studio to ask
+    path.write_text(json.dumps(tasks[:1]))
+    with pytest.raises(DataError, match="no Label Studio URL"):
+        load_data(str(path)).images[0].load_image()
     with pytest.raises(DataError, match="not found"):
         load_data(str(tmp_path / "missing.json"))
     path.write_text(json.dumps([tasks[1]]))

@@ -94,9 +94,9 @@ def _load_data(args: argparse.Namespace):
         hosts = parse_allowed_hosts(os.environ.get("ALLOWED_IMAGE_HOSTS", ""))
     except ValueError as exc:
         raise UsageError(f"ALLOWED_IMAGE_HOSTS: {exc}") from exc
+    allow_private = os.environ.get("ALLOW_PRIVATE_IMAGE_HOSTS", "").strip().lower() in ("1", "true", "yes", "on")
     source = ImageSource(os.environ.get("LABEL_STUDIO_URL") or None, os.environ.get("LABEL_STUDIO_API_KEY") or None,
-                         allowed_hosts=hosts, allow_private=os.environ.get("ALLOW_PRIVATE_IMAGE_HOSTS", "").strip().lower()
-                         in ("1", "true", "yes", "on"))
+                         allowed_hosts=hosts, allow_private=allow_private)
     return load_data(args.data, source, val_fraction=args.val_fraction)
 
 

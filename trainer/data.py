@@ -20,8 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 import cv2
 import numpy as np
 
-from . import images
-from .images import ImageSource, decode_image
+from .images import ImageError, ImageSource, decode_image
+from .images import ImageLoader as UrlImageLoader
 from .types import Box, Mask
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,7 @@ def task_image_loader(source: ImageSource, root: Path | None = None) -> ImageLoa
     every other URL goes through serving's SSRF-checked loader (Label Studio with its token, ALLOWED_IMAGE_HOSTS,
     cloud URIs through Label Studio's presign, data: URIs) and is refused otherwise.
     """
-    remote = images.ImageLoader(source)
+    remote = UrlImageLoader(source)
 
     def load(url: str, task: dict) -> np.ndarray:
         local = _local_file(url, root)
@@ -431,18 +431,22 @@ def task_image_loader(source: ImageSource, root: Path | None = None) -> ImageLoa
             return read_image(local, source.max_pixels)
         try:
             return remote.load(url, task.get("id"))
-        except images.ImageError as exc:
+        except ImageError as exc:
             raise DataError(f"task {task.get('id')}: {exc}") from exc
 
     return load
 
 
 def _local_file(url: str, root: Path | None) -> Path | None:
+    """The file an export's image URL names on this machine, if any: relative to the export's folder, or absolute."""
     parts = urlsplit(url)
     if root is None or parts.scheme:
         return None
-    name = parse_qs(parts.query).get("d", [""])[0] if parts.path.startswith("/data/local-files") else url
-    candidates = (root / name.lstrip("/"), Path(name)) if name else ()
+    if parts.path.startswith("/data/local-files"):  # d= is relative to Label Studio's document root
+        name = parse_qs(parts.query).get("d", [""])[0].lstrip("/")
+        candidates = [root / name, Path("/") / name] if name else []
+    else:
+        candidates = [root / url.lstrip("/")] + ([Path(url)] if url.startswith("/") else [])
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -463,7 +467,8 @@ def load_label_studio_project(project_id: int, source: ImageSource, image_loader
         tasks = json.loads(b"".join(chunks))
     except Exception as exc:  # the SDK raises its own ApiError, httpx errors, JSON errors
         raise DataError(f"cannot export Label Studio project {project_id} from {base_url}: {exc}") from exc
-    return load_label_studio_export(tasks, image_loader or task_image_loader(source), image_data_key(project.label_config or ""), val_fraction,
+    return load_label_studio_export(tasks, image_loader or task_image_loader(source),
+                                    image_data_key(project.label_config or ""), val_fraction,
                                     source=f"label-studio-project:{base_url.rstrip('/')}/projects/{project_id}")
 
 

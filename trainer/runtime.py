@@ -147,7 +147,8 @@ class Segmenter:
         sparse, _ = self.model.sam.prompt_encoder(points=point_input, boxes=box_tensor, masks=None)
         return sparse
 
-    def grid_window(self, embedding: Embedding, box: Box | None, points: tuple[Point, ...]) -> tuple[int, int, int, int]:
+    def grid_window(self, embedding: Embedding, box: Box | None,
+                    points: tuple[Point, ...]) -> tuple[int, int, int, int]:
         """The decoder-grid cells (gy0, gx0, gy1, gx1) whose pixels the mask may cover."""
         grid_h, grid_w = embedding.features.shape[-2:]
         per_input = grid_h / embedding.input_size
