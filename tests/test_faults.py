@@ -213,17 +213,24 @@ def registry_kill_loop(zygote: Zygote, model_dir: Path, kills: int = 15, budget_
         pid = zygote.spawn(model_dir, PROJECT, None, first)
         time.sleep(0.02 + 0.6 * k / max(1, kills - 1))  # 20 ms .. 620 ms: ~0-8 write/activate/prune cycles
         os.kill(pid, signal.SIGKILL)
-        status = zygote.wait(pid)
-        found = registry_problems(model_dir)
-        if stat_signal(status) != "SIGKILL":
-            found.append(f"writer ended with status {status}, not SIGKILL")
-        if check_served is not None:
-            found += check_served()
+        found = problems_after_kill(zygote, pid, model_dir, check_served)
         leftovers += len(list((model_dir / "projects" / PROJECT / "versions").glob(".staging-*")))
         survived += not found
         problems += found
         done += 1
     return {"kills": done, "survived": survived, "problems": problems[:10], "staging_leftovers_seen": leftovers}
+
+
+def problems_after_kill(zygote: Zygote, pid: int, model_dir: Path, check_served: Callable[[], list[str]] | None,
+                        where: str = "") -> list[str]:
+    """Wait for a killed writer; what is wrong with the registry (and the served version) afterwards."""
+    status = zygote.wait(pid)
+    found = registry_problems(model_dir)
+    if stat_signal(status) != "SIGKILL":
+        found.append(f"writer ended with status {status}, not SIGKILL{where}")
+    if check_served is not None:
+        found += check_served()
+    return found
 
 
 def registry_step_kills(zygote: Zygote, model_dir: Path,
@@ -234,12 +241,7 @@ def registry_step_kills(zygote: Zygote, model_dir: Path,
         registry = Registry(model_dir, PROJECT)
         before = ([i.version for i in registry.versions()], registry.active())
         pid = zygote.spawn(model_dir, PROJECT, step, 100_000 + 1000 * n)
-        status = zygote.wait(pid)
-        found = registry_problems(model_dir)
-        if stat_signal(status) != "SIGKILL":
-            found.append(f"writer ended with status {status}, not SIGKILL at {step}")
-        if check_served is not None:
-            found += check_served()
+        found = problems_after_kill(zygote, pid, model_dir, check_served, f" at {step}")
         results[step] = {"before": before, "after": ([i.version for i in registry.versions()], registry.active()),
                          "staging_left": len(list(registry.versions_dir.glob(".staging-*"))), "problems": found}
     return results
