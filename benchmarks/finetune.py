@@ -1,4 +1,4 @@
-"""Decoder fine-tuning on dsb2018 nuclei: test mIoU of base / fine-tuned / seed-mse, and what caching saves.
+"""Decoder fine-tuning on dsb2018 nuclei: test mIoU of base, fine-tuned (dice-bce, dice-focal) and seed-mse.
 
     python benchmarks/finetune.py [--data ../shared/datasets/dsb2018_nuclei] [--out benchmarks/results/finetune.json]
 
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine as common_machine  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
 from trainer.cache import DiskEmbeddings  # noqa: E402
 from trainer.data import ImageSamples, load_coco  # noqa: E402
 from trainer.finetune import FineTuneConfig, TrainingEmbeddings, evaluate, train_and_register  # noqa: E402
@@ -31,10 +31,6 @@ from trainer.runtime import Segmenter  # noqa: E402
 
 TARGET_GAIN_POINTS = 8.0
 TARGET_SECONDS = 600.0
-
-
-def machine() -> dict:
-    return {**common_machine(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def test_eval(segmenter: Segmenter, embeddings: TrainingEmbeddings, images: list[ImageSamples],

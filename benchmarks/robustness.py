@@ -6,8 +6,8 @@ kill -9 / disk-full fault figures, and hostile image URLs.
 Everything runs on 127.0.0.1 (and a 127.0.0.2 listener that must never be reached): the backend started exactly
 as the README says (gunicorn, TRAINING_RUNNER=off), a Label Studio stand-in serving dataset images, and training
 processes on a 20-image subset of ../shared/datasets/dsb2018_nuclei. Writes the JSON (machine info included)
-and regenerates the table in benchmarks/README.md. Each phase has a time budget; the whole run took ~6 min on
-2 busy cores and stays under 15 min.
+and regenerates the table in benchmarks/README.md. Each phase has a time budget; the whole run took ~5 min on
+2 cores and stays under 15 min.
 """
 from __future__ import annotations
 

@@ -8,8 +8,6 @@ import time
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from trainer.images import parse_allowed_hosts
-
 from . import protocol
 from .auth import install_auth
 from .backend import SamBackend
@@ -31,10 +29,6 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
                training: Training | None = None) -> Flask:
     """Build the app; the model is loaded here, once per process (gunicorn: once per worker)."""
     settings = settings or Settings.from_env()
-    try:
-        parse_allowed_hosts(settings.allowed_image_hosts)
-    except ValueError as exc:
-        raise SystemExit(f"ALLOWED_IMAGE_HOSTS: {exc}") from None
     backend = backend or SamBackend(settings)
     training = training or Training(settings)
     app = Flask(__name__)
@@ -113,9 +107,10 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
 
     @app.post("/webhook")
     def webhook():
-        event = parse_webhook(_json_body())
+        body = _json_body()
+        event = parse_webhook(body)
         if event is None:
-            g.log = {"action": request.get_json(silent=True).get("action"), "ignored": True}
+            g.log = {"action": body.get("action"), "ignored": True}
             return jsonify(status="ignored")
         event_id, job_id = training.record(event.project, event.action, event.annotations)
         g.log = {"action": event.action, "project": event.project, "event": event_id, "job": job_id}

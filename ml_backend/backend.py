@@ -30,6 +30,10 @@ class SamBackend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        try:
+            self._allowed_hosts = parse_allowed_hosts(settings.allowed_image_hosts)
+        except ValueError as exc:
+            raise SystemExit(f"ALLOWED_IMAGE_HOSTS: {exc}") from None
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         model = load_model(settings.sam_model, settings.sam_checkpoint, settings.sam_checkpoint_sha256,
@@ -38,7 +42,7 @@ class SamBackend:
         disk = DiskEmbeddings(settings.model_dir / "embeddings") if settings.disk_cache else None
         self.cache = EmbeddingCache(settings.cache_mb, disk)
         self.decoders = ActiveDecoders(settings.model_dir, self.segmenter)
-        self._loaders: dict[tuple, ImageLoader] = {}
+        self._loaders: dict[ImageSource, ImageLoader] = {}
         self._loaders_lock = threading.Lock()
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-fetch")
 
@@ -94,11 +98,8 @@ class SamBackend:
         return loader.load(protocol.task_image_url(task, config), task.get("id"))
 
     # -- Label Studio connection ----------------------------------------------------------------------
-    def _connection_path(self, project: str) -> Path | None:
-        return connection_path(self.settings, project)
-
     def _save_connection(self, project: str, hostname: str | None, access_token: str | None) -> None:
-        path = self._connection_path(project)
+        path = connection_path(self.settings, project)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,25 +109,12 @@ class SamBackend:
             json.dump({"hostname": hostname, "access_token": access_token}, handle)
         os.replace(tmp, path)
 
-    def _connection(self, project: str | None) -> dict:
-        return saved_connection(self.settings, project)
-
     def _loader(self, project: str | None) -> ImageLoader:
-        """Images come from LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY, else what /setup told us."""
-        s = self.settings
-        connection = self._connection(project) if not (s.label_studio_url and s.label_studio_api_key) else {}
-        source = ImageSource(
-            label_studio_url=s.label_studio_url or connection.get("hostname"),
-            token=s.label_studio_api_key or connection.get("access_token"),
-            allowed_hosts=parse_allowed_hosts(s.allowed_image_hosts),
-            timeout_s=s.image_timeout_s, max_pixels=s.max_image_pixels, max_bytes=s.max_image_bytes,
-            allow_private=s.allow_private_image_hosts,
-        )
-        key = (source.label_studio_url, source.token, source.allowed_hosts, source.allow_private)
+        source = image_source(self.settings, project, self._allowed_hosts)
         with self._loaders_lock:
-            if key not in self._loaders:
-                self._loaders[key] = ImageLoader(source)
-            return self._loaders[key]
+            if source not in self._loaders:
+                self._loaders[source] = ImageLoader(source)
+            return self._loaders[source]
 
 
 def connection_path(settings: Settings, project: str) -> Path | None:
@@ -142,3 +130,18 @@ def saved_connection(settings: Settings, project: str | None) -> dict:
         return json.loads(path.read_text()) if path else {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def image_source(settings: Settings, project: str | None,
+                 allowed_hosts: tuple[str, ...] | None = None) -> ImageSource:
+    """Where a project's task images come from: LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY, else what /setup
+    told us, under the image settings (allowed hosts, limits)."""
+    s = settings
+    connection = saved_connection(s, project) if not (s.label_studio_url and s.label_studio_api_key) else {}
+    return ImageSource(
+        label_studio_url=s.label_studio_url or connection.get("hostname"),
+        token=s.label_studio_api_key or connection.get("access_token"),
+        allowed_hosts=parse_allowed_hosts(s.allowed_image_hosts) if allowed_hosts is None else allowed_hosts,
+        timeout_s=s.image_timeout_s, max_pixels=s.max_image_pixels, max_bytes=s.max_image_bytes,
+        allow_private=s.allow_private_image_hosts,
+    )

@@ -11,7 +11,6 @@ Exit code 0 when every project is connected (now or before), 2 on any failure.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import re
@@ -22,10 +21,11 @@ from typing import Any
 
 import requests
 
+from trainer.images import TOKEN_REFRESH_PATH, jwt_claims
+
 EXIT_FAILED = 2
 DEFAULT_BACKEND_URL = "http://localhost:9090"
 DEFAULT_TITLE = "SAM (segment anything)"
-TOKEN_REFRESH_PATH = "/api/token/refresh/"
 
 
 class ConnectError(Exception):
@@ -38,18 +38,6 @@ class HTTPFailure(ConnectError):
     def __init__(self, status: int, path: str, message: str) -> None:
         super().__init__(f"HTTP {status} on {path}: {message}")
         self.status = status
-
-
-def _jwt_claims(token: str) -> dict | None:
-    """The payload of a JWT (personal access tokens are JWT refresh tokens), or None for a legacy token."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return payload if isinstance(payload, dict) else None
 
 
 def _error_text(resp: requests.Response) -> str:
@@ -82,7 +70,7 @@ class LabelStudio:
 
     def _headers(self) -> dict[str, str]:
         if self._auth is None:
-            claims = _jwt_claims(self.token)
+            claims = jwt_claims(self.token)
             if claims is None:
                 self._auth = {"Authorization": f"Token {self.token}"}
             elif claims.get("token_type") == "access":
@@ -109,7 +97,7 @@ class LabelStudio:
         resp = self._send(method, path, **kw)
         if resp.status_code == 401:
             hint = ("legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on Label Studio"
-                    if _jwt_claims(self.token) is None else "the personal access token may have expired or been revoked")
+                    if jwt_claims(self.token) is None else "the personal access token may have expired or been revoked")
             raise ConnectError(f"Label Studio rejected LABEL_STUDIO_API_KEY (HTTP 401 on {path}): {hint}")
         if resp.status_code >= 400:
             raise HTTPFailure(resp.status_code, path, _error_text(resp))

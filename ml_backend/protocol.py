@@ -89,6 +89,12 @@ def _first_label(value: dict) -> str | None:
     return None
 
 
+def region_label(region: dict) -> str:
+    """A region's first label, whatever its control; "object" when it has none."""
+    value = region.get("value")
+    return (_first_label(value) if isinstance(value, dict) else None) or "object"
+
+
 def _number(value: dict, key: str) -> float:
     number = value.get(key)
     if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):

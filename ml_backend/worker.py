@@ -12,15 +12,14 @@ import sys
 import time
 from datetime import timedelta
 
-from trainer.data import load_label_studio_project, task_image_loader
 from trainer.finetune import FineTuneConfig
 from trainer.jobs import JobStore, TriggerPolicy
 from trainer.models import load_model
 from trainer.registry import Registry, RegistryError
 from trainer.runtime import BASE_VERSION, Segmenter
-from trainer.images import ImageSource, parse_allowed_hosts
 from trainer.worker import Dispatcher, run_job
 
+from .annotations import load_label_studio_project, task_image_loader
 from .logs import configure
 from .settings import Settings
 
@@ -77,17 +76,12 @@ class Training:
 
 
 def _load_project(settings: Settings, project: str):
-    from .backend import saved_connection
+    from .backend import image_source
 
-    connection = saved_connection(settings, project)
-    url = settings.label_studio_url or connection.get("hostname")
-    token = settings.label_studio_api_key or connection.get("access_token")
-    if not url or not token:
+    source = image_source(settings, project)
+    if not source.label_studio_url or not source.token:
         raise RuntimeError(f"project {project}: no Label Studio URL/token (set LABEL_STUDIO_URL and "
                            "LABEL_STUDIO_API_KEY, or connect the project so /setup provides them)")
-    source = ImageSource(url, token, allowed_hosts=parse_allowed_hosts(settings.allowed_image_hosts),
-                         timeout_s=settings.image_timeout_s, max_pixels=settings.max_image_pixels,
-                         max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_image_hosts)
     return load_label_studio_project(int(project), source, task_image_loader(source))
 
 

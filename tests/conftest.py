@@ -40,3 +40,40 @@ def lite_medsam() -> LoadedModel:
 @pytest.fixture(scope="session")
 def segmenter(lite_medsam: LoadedModel) -> Segmenter:
     return Segmenter(lite_medsam)
+
+
+# ---------------------------------------------------------------------------
+# Loopback only: no test process connects anywhere but 127.0.0.0/8 and ::1
+# ---------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Refuse (and fail the test on) any connection from this process outside loopback, e.g. to a cloud
+    metadata address a refusal test names, should the refusal ever regress. Unix sockets are not affected."""
+    import ipaddress
+    import socket
+
+    attempts: list[str] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def allowed(address: object) -> bool:
+        if not isinstance(address, tuple):
+            return True
+        try:
+            ip = ipaddress.ip_address(str(address[0]).split("%")[0])
+        except ValueError:
+            return False  # a host name: the code under test should have resolved and checked it
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+    def guard(real):
+        def connect(sock: socket.socket, address: object):
+            if not allowed(address):
+                attempts.append(str(address))
+                raise ConnectionRefusedError(f"test guard: no connection outside loopback ({address})")
+            return real(sock, address)
+        return connect
+
+    monkeypatch.setattr(socket.socket, "connect", guard(real_connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guard(real_connect_ex))
+    yield
+    assert not attempts, f"the test tried to connect outside loopback: {attempts}"

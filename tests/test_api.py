@@ -136,3 +136,8 @@ def test_not_json_and_unknown_route(client):
     response = client.post("/predict", data="nope", content_type="text/plain")
     assert response.status_code == 400 and "JSON object" in response.get_json()["error"]
     assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").get_json()
+
+
+def test_bad_allowed_image_host_stops_the_backend_before_loading_the_model() -> None:
+    with pytest.raises(SystemExit, match="ALLOWED_IMAGE_HOSTS"):
+        SamBackend(Settings(allowed_image_hosts="http://images.example.com/path"))

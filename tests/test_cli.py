@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.dataset import DATASET
+
 REPO = Path(__file__).resolve().parents[1]
-DATASET = REPO.parent / "shared" / "datasets" / "dsb2018_nuclei"
 SUBSET = {"train": [4, 12, 25], "val": [93], "test": [62]}  # small 256x256 images, 3-4 nuclei each
 
 
@@ -138,7 +139,7 @@ def test_export_images_follow_the_backend_url_rules(tmp_path: Path) -> None:
     from werkzeug.wrappers import Request, Response
 
     from tests import dataset
-    from trainer.data import load_label_studio_export
+    from ml_backend.annotations import load_label_studio_export
 
     hits = []
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import mask2rle
 
-from trainer.data import _annotation_samples
+from ml_backend.annotations import _annotation_samples
 
 
 def brush(mask: np.ndarray, rle=None, **size) -> dict:

@@ -29,7 +29,8 @@ import requests
 import yaml
 
 from tests import dataset
-from tests.label_studio import PASSWORD, SAM_LABEL_CONFIG, TOKEN, USERNAME, _ls_env, free_port, rect_result
+from tests.label_studio import (PASSWORD, SAM_LABEL_CONFIG, TOKEN, USERNAME, _ls_env, free_port, label_studio_bin,
+                                rect_result)
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -246,8 +247,7 @@ def _healthy(url: str) -> bool:
 
 def docker_compose() -> str:
     exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.skip("docker-compose is not installed (scripts/test.sh installs it: apt-get install docker-compose)")
+    assert exe, "docker-compose is not installed (scripts/test.sh installs it: apt-get install docker-compose)"
     return exe
 
 
@@ -350,9 +350,10 @@ def test_label_studio_service_matches_the_tested_setup():
     ls = compose["services"]["label-studio"]
     image, _, tag = ls["image"].partition(":")
     assert image == "heartexlabs/label-studio" and re.fullmatch(r"1\.23\.\d+", tag), ls["image"]
-    tested = sorted((REPO / ".ls-venv").glob("lib/python*/site-packages/label_studio-*.dist-info"))
-    if tested:
-        assert tested[0].name == f"label_studio-{tag}.dist-info", "compose pins another version than the tests run"
+    venv = label_studio_bin().absolute().parents[1]
+    tested = sorted(venv.glob("lib/python*/site-packages/label_studio-*.dist-info"))
+    assert tested, f"no label_studio dist-info under {venv}: cannot tell which Label Studio the tests run"
+    assert tested[0].name == f"label_studio-{tag}.dist-info", "compose pins another version than the tests run"
     harness = _ls_env(Path("/tmp"))  # what the tests' real Label Studio needs to talk to a local backend
     for key in ("ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED", "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"):
         assert ls["environment"][key] == harness[key], key
@@ -441,8 +442,7 @@ def test_backend_connect_predict_and_worker_outside_docker(label_studio, tmp_pat
 @pytest.fixture
 def redis_url(tmp_path) -> Iterator[str]:
     exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (scripts/test.sh installs it: apt-get install redis-server)")
+    assert exe, "redis-server is not installed (scripts/test.sh installs it: apt-get install redis-server)"
     port = free_port()
     with run_service([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                       "--daemonize", "no"], {"PATH": "/usr/bin:/bin"}, tmp_path / "redis.log") as process:

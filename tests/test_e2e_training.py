@@ -39,6 +39,7 @@ def held_out_miou(label_studio, task_ids: list[int], version_suffix: str) -> flo
     for task_id, image_id in zip(task_ids, HELD_OUT):
         predictions = [p for p in label_studio.predictions(task_id) if p["model_version"].endswith(version_suffix)]
         assert len(predictions) == 1, f"task {task_id}: {[p['model_version'] for p in label_studio.predictions(task_id)]}"
+        assert len(predictions[0]["result"]) == len(dataset.annotations(image_id))  # one mask per box
         for region, annotation in zip(predictions[0]["result"], dataset.annotations(image_id)):
             h, w = region["original_height"], region["original_width"]
             mask = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] == 255

@@ -29,6 +29,7 @@ from typing import Callable
 
 import pytest
 
+from tests.dataset import DATASET
 from trainer.jobs import JobStore, TriggerPolicy
 from trainer.models import default_checkpoint, file_sha256
 from trainer.registry import Registry, RegistryError
@@ -36,7 +37,6 @@ from trainer.registry import Registry, RegistryError
 BASE = {"base_model": {"identity": "lite_medsam-" + file_sha256(default_checkpoint("lite_medsam"))[:12]}}
 
 REPO = Path(__file__).resolve().parents[1]
-DATASET = REPO.parent / "shared" / "datasets" / "dsb2018_nuclei"
 SUBSET = {"train": [4, 12], "val": [93], "test": [62]}  # small 256x256 images, 3-4 nuclei each
 PROJECT = "faults"
 QUIET = TriggerPolicy(min_annotations=10**9, debounce_s=0)  # record events without queueing jobs
@@ -340,8 +340,9 @@ def run_killed_job(model_dir: Path, coco: Path, kill: dict, timeout: float = 120
     runner = threading.Thread(target=lambda: outcome.setdefault("job", dispatcher.run_once()), daemon=True)
     began = time.monotonic()
     runner.start()
-    child = None
-    while child is None and runner.is_alive():  # claim_due records our pid; set_pid then the child's
+    child, spawn_deadline = None, time.monotonic() + 120
+    while child is None and runner.is_alive() and time.monotonic() < spawn_deadline:  # claim_due records our pid;
+        # set_pid then the child's
         job = store.job(job_id)
         child = job.pid if job.pid not in (None, os.getpid()) else None
         time.sleep(0.01)

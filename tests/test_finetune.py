@@ -9,23 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from ml_backend.annotations import load_data, load_label_studio_export
+from tests.dataset import DATASET
 from trainer.cache import DiskEmbeddings, image_key
-from trainer.data import (DataError, Dataset, ImageSamples, assign_splits, load_coco, load_data,
-                          load_label_studio_export, read_image)
+from trainer.data import DataError, Dataset, ImageSamples, assign_splits, load_coco, read_image
 from trainer.decoder import decode_windows, prepare_image
-from trainer.finetune import (FineTuneConfig, TrainingEmbeddings, mask_and_iou_loss, evaluate, fine_tune, gate,
-                              input_boxes, jitter, low_res_target, sample_loss, trainable_copy, window_forward)
+from trainer.finetune import (FineTuneConfig, TrainingEmbeddings, evaluate, fine_tune, gate, input_boxes, jitter,
+                              low_res_target, mask_and_iou_loss, sample_loss, trainable_copy, window_forward)
 from trainer.images import ImageSource
-from trainer.models import load_model
 from trainer.runtime import Segmenter
 from trainer.types import Box
 
-DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "dsb2018_nuclei"
-
-
-@pytest.fixture(scope="module")
-def segmenter() -> Segmenter:
-    return Segmenter(load_model("lite_medsam"))
 
 
 @pytest.fixture(scope="module")

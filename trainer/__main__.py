@@ -86,8 +86,10 @@ def _load_segmenter(args: argparse.Namespace):
 
 def _load_data(args: argparse.Namespace):
     """--data through the backend's image rules: LABEL_STUDIO_URL / _API_KEY, ALLOWED_IMAGE_HOSTS,
-    ALLOW_PRIVATE_IMAGE_HOSTS (the same environment variables the backend reads)."""
-    from .data import load_data
+    ALLOW_PRIVATE_IMAGE_HOSTS (the same environment variables the backend reads). Label Studio's JSON is
+    read by the backend's edge module (ml_backend.annotations); the CLI is an edge too."""
+    from ml_backend.annotations import load_data
+
     from .images import ImageSource, parse_allowed_hosts
 
     try:

@@ -62,7 +62,7 @@ class ActiveDecoders:
 
     def _load(self, registry: Registry, version: str) -> MaskDecoder:
         """The version's decoder, refused when it was trained on top of another base model."""
-        trained_on = registry.manifest(version).get("base_model", {}).get("identity")
+        trained_on = registry.base_identity(version)
         if trained_on != self.segmenter.model.identity:
             raise RegistryError(f"version {version} was trained on {trained_on}, "
                                 f"not on the served {self.segmenter.model.identity}")

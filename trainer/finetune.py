@@ -336,7 +336,7 @@ def train_and_register(segmenter: Segmenter, dataset: Dataset, registry: Registr
     model = segmenter.model
     parent, start_state = registry.active(), None
     if parent is not None:
-        if registry.manifest(parent).get("base_model", {}).get("identity") == model.identity:
+        if registry.base_identity(parent) == model.identity:
             start_state = registry.load_decoder(parent)
         else:
             log.warning("active version %s was trained on another base model: comparing with base", parent)

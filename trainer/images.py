@@ -382,7 +382,7 @@ class _PinnedAdapter(HTTPAdapter):
         raise requests.exceptions.InvalidURL("pinned connections need requests >= 2.32.2")
 
 
-def _jwt_claims(token: str) -> dict[str, Any] | None:
+def jwt_claims(token: str) -> dict[str, Any] | None:
     """Claims of a JWT (unverified), or None if ``token`` is not a JWT."""
     parts = token.split(".")
     if len(parts) != 3:
@@ -460,7 +460,7 @@ class ImageLoader:
         allowed = parse_allowed_hosts(source.allowed_hosts)
         self._allowed_exact = frozenset(h for h in allowed if not h.startswith("*."))
         self._allowed_suffixes = tuple(h[1:] for h in allowed if h.startswith("*."))  # ".example.com"
-        self._claims = _jwt_claims(source.token) if source.token else None
+        self._claims = jwt_claims(source.token) if source.token else None
         self._local = threading.local()
         self._sessions: list[requests.Session | HTTPAdapter] = []
         self._sessions_lock = threading.Lock()
@@ -744,7 +744,7 @@ class ImageLoader:
                     raise _Failure("Label Studio token refresh returned no access token") from None
             if not isinstance(access, str) or not access:
                 raise _Failure("Label Studio token refresh returned no access token")
-            exp = (_jwt_claims(access) or {}).get("exp")
+            exp = (jwt_claims(access) or {}).get("exp")
             self._access = access
             self._access_exp = float(exp) if isinstance(exp, (int, float)) else time.time() + 300
             return access

@@ -104,6 +104,10 @@ class Registry:
         except (OSError, json.JSONDecodeError) as exc:
             raise RegistryError(f"version {version} of project {self.root.name} has no readable manifest") from exc
 
+    def base_identity(self, version: str) -> str | None:
+        """The identity of the base model the version was fine-tuned on."""
+        return self.manifest(version).get("base_model", {}).get("identity")
+
     def load_decoder(self, version: str) -> dict[str, torch.Tensor]:
         """The version's decoder state dict, checked against the sha256 its manifest recorded."""
         from safetensors.torch import load_file
