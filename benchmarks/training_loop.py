@@ -39,8 +39,11 @@ def main() -> None:
             answered = time.perf_counter() - started
             while setup()["model_version"] == before:
                 status = requests.get(f"{url}/train/status", params={"project": project}, timeout=10).json()
-                if status["last"] and status["last"]["state"] == "failed":
-                    raise SystemExit(f"training failed: {status['last']['error']}")
+                last = status["last"] or {}
+                if last.get("state") == "failed":
+                    raise SystemExit(f"training failed: {last.get('error')}")
+                if last.get("state") == "succeeded" and not (last.get("result") or {}).get("promoted"):
+                    raise SystemExit(f"training finished without promotion: {(last.get('result') or {}).get('reason')}")
                 if time.perf_counter() - started > 1800:
                     raise SystemExit("no new version within 30 minutes")
                 time.sleep(1)

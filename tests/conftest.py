@@ -77,3 +77,20 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(socket.socket, "connect_ex", guard(real_connect_ex))
     yield
     assert not attempts, f"the test tried to connect outside loopback: {attempts}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_proxy_for_loopback() -> Iterator[None]:
+    """requests (and child processes) must not send 127.0.0.1 traffic to a proxy from the environment."""
+    import os
+
+    saved = {key: os.environ.get(key) for key in ("NO_PROXY", "no_proxy")}
+    loopback = "127.0.0.1,localhost,::1,127.0.0.2"
+    for key, value in saved.items():
+        os.environ[key] = f"{value},{loopback}" if value else loopback
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

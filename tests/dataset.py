@@ -46,3 +46,20 @@ def gt_mask(annotation: dict) -> np.ndarray:
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def make_coco(folder: Path, subset: dict[str, list[int]]) -> Path:
+    """A COCO folder with the subset's images (symlinks), their annotations and splits.json."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    full = json.loads((DATASET / "annotations.json").read_text())
+    ids = {i for split in subset.values() for i in split}
+    images = [i for i in full["images"] if i["id"] in ids]
+    for image in images:
+        link = folder / "images" / image["file_name"]
+        if not link.exists():
+            link.symlink_to(DATASET / "images" / image["file_name"])
+    (folder / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": [a for a in full["annotations"] if a["image_id"] in ids],
+         "categories": full["categories"]}))
+    (folder / "splits.json").write_text(json.dumps(subset))
+    return folder

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.dataset import DATASET
+from tests.dataset import make_coco
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = {"train": [4, 12, 25], "val": [93], "test": [62]}  # small 256x256 images, 3-4 nuclei each
@@ -34,18 +34,7 @@ def last_json(done: subprocess.CompletedProcess) -> dict:
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A COCO folder with 5 images (symlinks), their annotations and splits.json."""
-    folder = tmp_path_factory.mktemp("coco")
-    (folder / "images").mkdir()
-    full = json.loads((DATASET / "annotations.json").read_text())
-    ids = {i for split in SUBSET.values() for i in split}
-    images = [i for i in full["images"] if i["id"] in ids]
-    for image in images:
-        (folder / "images" / image["file_name"]).symlink_to(DATASET / "images" / image["file_name"])
-    annotations = [a for a in full["annotations"] if a["image_id"] in ids]
-    (folder / "annotations.json").write_text(json.dumps(
-        {"images": images, "annotations": annotations, "categories": full["categories"]}))
-    (folder / "splits.json").write_text(json.dumps(SUBSET))
-    return folder
+    return make_coco(tmp_path_factory.mktemp("coco"), SUBSET)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from typing import Callable
 
 import pytest
 
-from tests.dataset import DATASET
+from tests.dataset import make_coco
 from trainer.jobs import JobStore, TriggerPolicy
 from trainer.models import default_checkpoint, file_sha256
 from trainer.registry import Registry, RegistryError
@@ -145,7 +145,7 @@ for line in sys.stdin:
                     os.environ["REGISTRY_CRASH_AT"] = command[3]
                 registry = Registry(command[1], command[2], keep_last=3)
                 i = int(command[4])
-                while True:  # write, activate, prune, forever (until killed)
+                for _ in range(10_000):  # write, activate, prune until killed (bounded should the kill never come)
                     i += 1
                     version = registry.write_version({**state, key: state[key] + i}, {"iteration": i, **BASE})
                     registry.activate(version)
@@ -269,23 +269,6 @@ config = FineTuneConfig(epochs=epochs, patience=epochs, max_objects_per_image=1,
 run_job(JobStore(Path(model_dir) / "jobs.sqlite"), int(job_id), Segmenter(load_model("lite_medsam")),
         lambda project: load_coco(coco), Path(model_dir), config, keep_last=5)
 """
-
-
-def make_coco(folder: Path, subset: dict[str, list[int]] = SUBSET) -> Path:
-    """A COCO folder with the subset's images (symlinks), their annotations and splits.json."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    full = json.loads((DATASET / "annotations.json").read_text())
-    ids = {i for split in subset.values() for i in split}
-    images = [i for i in full["images"] if i["id"] in ids]
-    for image in images:
-        link = folder / "images" / image["file_name"]
-        if not link.exists():
-            link.symlink_to(DATASET / "images" / image["file_name"])
-    (folder / "annotations.json").write_text(json.dumps(
-        {"images": images, "annotations": [a for a in full["annotations"] if a["image_id"] in ids],
-         "categories": full["categories"]}))
-    (folder / "splits.json").write_text(json.dumps(subset))
-    return folder
 
 
 def job_command(model_dir: Path, coco: Path, fsize: int | None = None) -> list[str]:
@@ -637,7 +620,7 @@ def test_served_decoder_survives_corrupt_files(tmp_path, state_path, decoders):
 # -- training jobs ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory) -> Path:
-    return make_coco(tmp_path_factory.mktemp("coco"))
+    return make_coco(tmp_path_factory.mktemp("coco"), SUBSET)
 
 
 @pytest.fixture(scope="module")
