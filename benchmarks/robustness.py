@@ -43,7 +43,7 @@ from tests import dataset, fuzzing  # noqa: E402
 from tests import test_faults as faults  # noqa: E402
 from tests.backend_server import start_backend  # noqa: E402
 from tests.dataset import make_coco  # noqa: E402
-from tests.label_studio import rect_result  # noqa: E402
+from tests.label_studio import brush_mask, rect_result  # noqa: E402
 
 TOKEN = "robustness-token"
 IMAGE_IDS = (6, 13)
@@ -149,17 +149,13 @@ def predict(session: requests.Session, url: str, tasks: list[dict]) -> requests.
 
 def predict_is_correct(session: requests.Session, url: str) -> dict:
     """Masks for dataset boxes match the ground truth (mean IoU > 0.6), one result per task."""
-    from label_studio_sdk.converter.brush import decode_rle
-
     response = predict(session, url, [real_task(i, 5, task_id=i) for i in IMAGE_IDS])
     if response.status_code != 200:
         return {"ok": False, "status": response.status_code}
     ious = []
     for image_id, entry in zip(IMAGE_IDS, response.json()["results"]):
         for region, annotation in zip(entry.get("result", []), dataset.annotations(image_id)):
-            h, w = region["original_height"], region["original_width"]
-            mask = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] == 255
-            ious.append(dataset.iou(mask, dataset.gt_mask(annotation)))
+            ious.append(dataset.iou(brush_mask(region), dataset.gt_mask(annotation)))
     return {"ok": len(ious) == 5 * len(IMAGE_IDS) and float(np.mean(ious)) > 0.6,
             "masks": len(ious), "mean_iou": round(float(np.mean(ious)), 4) if ious else None}
 

@@ -193,17 +193,27 @@ def mask_to_polygon(mask: Mask, epsilon_px: float = 1.0) -> list[list[float]]:
     return [[float(x + mask.x0), float(y + mask.y0)] for x, y in simplified]
 
 
+def new_region_id() -> str:
+    """A fresh result id. Label Studio's editor merges results that share an id into ONE region (that is how
+    a region carries several controls' values), so every brush and every polygon gets its own."""
+    return uuid.uuid4().hex[:10]
+
+
 def mask_to_regions(mask: Mask, config: LabelConfig) -> list[dict]:
-    """One Label Studio region per output control (brush RLE 0/255, polygon in percent)."""
+    """One Label Studio region per output control (brush RLE 0/255, polygon in percent), each with its own id.
+
+    A config with both BrushLabels and PolygonLabels gets both, as separate regions linked only by their label:
+    sharing an id would make the editor fold the polygon into the brush region and save it without points.
+    """
     height, width = mask.image_size
     regions = []
-    region_id = uuid.uuid4().hex[:10]
     for output in config.outputs:
         label = output.label_for(mask.label)
         labels = [label] if label else []
-        region = {"id": region_id, "from_name": output.from_name, "to_name": output.to_name,
+        region = {"id": new_region_id(), "from_name": output.from_name, "to_name": output.to_name,
                   "type": output.kind, "original_width": width, "original_height": height,
-                  "image_rotation": 0, "score": round(float(mask.score), 4), "readonly": False}
+                  "image_rotation": 0, "score": round(float(mask.score), 4), "readonly": False,
+                  "origin": "prediction"}  # the editor marks model-made regions; edits become "prediction-changed"
         if output.kind == "brushlabels":
             full = mask.full().astype(np.uint8) * 255
             region["value"] = {"format": "rle", "rle": mask2rle(full), "brushlabels": labels}

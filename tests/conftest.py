@@ -25,6 +25,14 @@ def ls_project(label_studio: LabelStudioServer, request: pytest.FixtureRequest) 
 # --------------------------- end Label Studio fixtures ---------------------
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (request.node.report_call) for fixtures that act on failure."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 # ---------------------------------------------------------------------------
 # Model fixtures: the real offline default weights, loaded once per session
 # ---------------------------------------------------------------------------

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import requests
+from label_studio_sdk.converter.brush import decode_rle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BIN = REPO_ROOT / ".ls-venv" / "bin" / "label-studio"
@@ -83,6 +85,12 @@ def rect_result(
             "rectanglelabels": [label],
         },
     }
+
+
+def brush_mask(region: dict[str, Any]) -> np.ndarray:
+    """A brushlabels region's RLE as an H x W bool mask (the alpha channel of the decoded RGBA)."""
+    height, width = region["original_height"], region["original_width"]
+    return decode_rle(region["value"]["rle"]).reshape(height, width, 4)[:, :, 3] == 255
 
 
 class LabelStudioServer:

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from ml_backend.app import create_app
 from ml_backend.backend import SamBackend
 from ml_backend.settings import Settings
 from tests import dataset
-from tests.label_studio import rect_result
+from tests.label_studio import brush_mask, rect_result
 from tests.image_server import serve_files
 
 TOKEN = "test-token-123"
@@ -55,10 +54,6 @@ def task(image_id: int, n_boxes: int, task_id: int | None = None, url: str | Non
             "annotations": [{"id": 1, "result": result}] if result else [], "predictions": []}
 
 
-def decoded(region: dict) -> np.ndarray:
-    h, w = region["original_height"], region["original_width"]
-    return decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] == 255
-
 
 def predict(client, tasks, context=None):
     return client.post("/predict", json={"tasks": tasks, "project": "1.1700000000", "label_config": CONFIG,
@@ -85,7 +80,7 @@ def test_batch_predict_one_result_per_task_in_order(client):
         ious = []
         for region, annotation in zip(entry["result"], dataset.annotations(image_id)):
             assert region["value"]["brushlabels"] == ["nucleus"] and 0 < region["score"] <= 1.2
-            ious.append(dataset.iou(decoded(region), dataset.gt_mask(annotation)))
+            ious.append(dataset.iou(brush_mask(region), dataset.gt_mask(annotation)))
         assert np.mean(ious) > 0.6
 
 
@@ -96,7 +91,7 @@ def test_exif_rotated_image_masks_match_displayed_orientation(client):
     assert len(entry["result"]) == 5
     for region, annotation in zip(entry["result"], dataset.annotations(18)):
         assert (region["original_width"], region["original_height"]) == (info["width"], info["height"])
-        assert dataset.iou(decoded(region), dataset.gt_mask(annotation)) > 0.5
+        assert dataset.iou(brush_mask(region), dataset.gt_mask(annotation)) > 0.5
 
 
 def test_interactive_box_and_click(client):
@@ -110,7 +105,7 @@ def test_interactive_box_and_click(client):
         response = predict(client, [task(18, 0)], context)
         (entry,) = response.get_json()["results"]
         (region,) = entry["result"]
-        assert dataset.iou(decoded(region), dataset.gt_mask(annotation)) > 0.6
+        assert dataset.iou(brush_mask(region), dataset.gt_mask(annotation)) > 0.6
 
 
 def test_unreachable_image_fails_only_its_task(client):

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from label_studio_sdk.converter.brush import decode_rle
 
 from tests import dataset
 from tests.backend_server import start_backend
-from tests.label_studio import rect_result
+from tests.label_studio import brush_mask, rect_result
 
 IMAGES = dataset.splits()["test"][:10]  # 286 nuclei in 10 images of 4 sizes
 MEAN_IOU_FLOOR = 0.68  # measured 0.701 here for base LiteMedSAM on these images (whole test split: ~0.745)
@@ -20,11 +19,6 @@ def backend_url(label_studio, tmp_path_factory):
            "MODEL_DIR": str(root / "models"), "WORKERS": "1", "THREADS": "4"}
     with start_backend(env, root / "gunicorn.log") as url:
         yield url, root / "gunicorn.log"
-
-
-def _mask(region: dict) -> np.ndarray:
-    h, w = region["original_height"], region["original_width"]
-    return decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] == 255
 
 
 def test_retrieve_predictions_and_interactive(label_studio, ls_project, backend_url):
@@ -49,7 +43,7 @@ def test_retrieve_predictions_and_interactive(label_studio, ls_project, backend_
         assert len(regions) == len(annotations)  # one mask per box, in box order
         for region, annotation in zip(regions, annotations):
             assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["nucleus"]
-            ious.append(dataset.iou(_mask(region), dataset.gt_mask(annotation)))
+            ious.append(dataset.iou(brush_mask(region), dataset.gt_mask(annotation)))
     print(f"e2e mean IoU over {len(ious)} nuclei: {np.mean(ious):.3f}")
     assert np.mean(ious) >= MEAN_IOU_FLOOR
 
@@ -59,7 +53,7 @@ def test_retrieve_predictions_and_interactive(label_studio, ls_project, backend_
     reply = label_studio.interactive(ml_id, task_id, [rect_result(*annotation["bbox"], info["width"],
                                                                   info["height"], "nucleus")])
     (region,) = reply["data"]["result"]
-    assert dataset.iou(_mask(region), dataset.gt_mask(annotation)) > 0.6
+    assert dataset.iou(brush_mask(region), dataset.gt_mask(annotation)) > 0.6
     log = log_path.read_text()
     assert '"path": "/predict"' in log  # one structured line per request
     assert label_studio.token not in log  # no secrets in logs

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 import requests
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from label_studio_sdk.converter.brush import mask2rle
 
 from tests import dataset
 from tests.backend_server import start_backend
-from tests.label_studio import rect_result
+from tests.label_studio import brush_mask, rect_result
 
 TRAIN_IMAGES = dataset.splits()["train"][:10]
 HELD_OUT = dataset.splits()["test"][:6]
@@ -41,9 +41,7 @@ def held_out_miou(label_studio, task_ids: list[int], version_suffix: str) -> flo
         assert len(predictions) == 1, f"task {task_id}: {[p['model_version'] for p in label_studio.predictions(task_id)]}"
         assert len(predictions[0]["result"]) == len(dataset.annotations(image_id))  # one mask per box
         for region, annotation in zip(predictions[0]["result"], dataset.annotations(image_id)):
-            h, w = region["original_height"], region["original_width"]
-            mask = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] == 255
-            ious.append(dataset.iou(mask, dataset.gt_mask(annotation)))
+            ious.append(dataset.iou(brush_mask(region), dataset.gt_mask(annotation)))
     return float(np.mean(ious))
 
 

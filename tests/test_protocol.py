@@ -118,6 +118,9 @@ def test_prediction_entry_and_empty_task():
     entry = protocol.prediction([_disk_mask()], config, "m@base")
     assert entry["model_version"] == "m@base" and entry["score"] == pytest.approx(0.9)
     assert len(entry["result"]) == 2
+    two = protocol.prediction([_disk_mask(), _disk_mask()], config, "m@base")["result"]
+    ids = [region["id"] for region in two]
+    assert len(set(ids)) == len(ids) == 4  # the editor merges results sharing an id into one region
     assert protocol.prediction([], config, "m@base") == {"result": [], "score": 0.0, "model_version": "m@base"}
 
 
