@@ -21,9 +21,10 @@ import torch
 
 from benchmarks.common import machine
 from tests.dataset import DATASET
+from trainer.decoder import decoder_copy
 from trainer.cache import DiskEmbeddings
 from trainer.data import Dataset, ImageSamples, load_coco
-from trainer.finetune import FineTuneConfig, TrainingEmbeddings, epoch_plan, fine_tune, jitter, sample_loss, trainable_copy
+from trainer.finetune import FineTuneConfig, TrainingEmbeddings, epoch_plan, fine_tune, jitter, sample_loss
 from trainer.models import LoadedModel, build_network, load_model
 from trainer.runtime import Segmenter
 from trainer.types import Embedding
@@ -47,7 +48,7 @@ def one_epoch(segmenter: Segmenter, data: Dataset, embeddings: TrainingEmbedding
 
 def isolated_step_s(segmenter: Segmenter, data: Dataset, embeddings: TrainingEmbeddings, config: FineTuneConfig) -> float:
     """Mean seconds of one training step (forward, backward, AdamW) over the epoch's images, embeddings in memory."""
-    decoder = trainable_copy(segmenter.model.sam.mask_decoder)
+    decoder = decoder_copy(segmenter.model.sam.mask_decoder, trainable=True)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, fused=True)
     rng, seconds = np.random.default_rng(0), []
     for image, picks in epoch_plan(data.images, config, 1):

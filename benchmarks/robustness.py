@@ -278,7 +278,7 @@ def predict_while_training(url: str, workdir: Path, pairs: int, budget_s: float)
     dispatcher runs it, on 16 train + 4 val dsb2018 images (cold embedding cache, then decoder epochs)."""
     split = dataset.splits()
     coco = make_coco(workdir / "train-coco", {"train": split["train"][:16], "val": split["val"][:4], "test": []})
-    command = [sys.executable, "-m", "trainer", "train", "--data", str(coco), "--project", "bench", "--model-dir",
+    command = [sys.executable, "-m", "ml_backend", "train", "--data", str(coco), "--project", "bench", "--model-dir",
                str(workdir / "train-models"), "--epochs", "200", "--patience", "1000", "--json"]
     session = requests.Session()
     task = [real_task(6, 10)]

@@ -19,11 +19,10 @@ import numpy as np
 
 from trainer.data import (DataError, Dataset, ImageSamples, Sample, assign_splits, dataset_summary, load_coco,
                           read_image, read_json)
-from trainer.images import ImageError, ImageSource
-from trainer.images import ImageLoader as UrlImageLoader
 from trainer.types import Box
 
 from . import protocol
+from .fetch import ImageError, ImageFetcher, ImageSource
 from .protocol import region_label
 
 log = logging.getLogger(__name__)
@@ -225,7 +224,7 @@ def task_image_loader(source: ImageSource, root: Path | None = None) -> ImageLoa
     every other URL goes through serving's SSRF-checked loader (Label Studio with its token, ALLOWED_IMAGE_HOSTS,
     cloud URIs through Label Studio's presign, data: URIs) and is refused otherwise.
     """
-    remote = UrlImageLoader(source)
+    remote = ImageFetcher(source)
 
     def load(url: str, task: dict) -> np.ndarray:
         local = _local_file(url, root)
@@ -289,7 +288,7 @@ def image_data_key(label_config: str) -> str | None:
 # -- entry point ----------------------------------------------------------------------------------------
 def load_data(spec: str, source: ImageSource = ImageSource(), val_fraction: float = 0.2) -> Dataset:
     """A COCO folder, a Label Studio JSON export file, or `ls://<project id>` (needs source's URL and token):
-    what `python -m trainer --data` accepts. source also says which image URLs of an export may be fetched.
+    what `python -m ml_backend --data` accepts. source also says which image URLs of an export may be fetched.
     """
     if spec.startswith("ls://"):
         raw = spec[len("ls://"):].strip("/")

@@ -13,7 +13,7 @@ from .auth import install_auth
 from .backend import SamBackend
 from .settings import Settings
 from .webhooks import parse_webhook
-from .worker import Training
+from .training import Training
 
 log = logging.getLogger("ml_backend.http")
 
@@ -33,7 +33,6 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     training = training or Training(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 1024 * 1024)
-    app.extensions["sam_backend"] = backend
 
     @app.before_request
     def start_timer() -> None:

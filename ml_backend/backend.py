@@ -1,28 +1,38 @@
 """The request path: Label Studio tasks -> images -> embeddings -> masks -> Label Studio predictions."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
 from trainer.active import ActiveDecoders
 from trainer.cache import DiskEmbeddings, EmbeddingCache, image_key
-from trainer.images import ImageError, ImageLoader, ImageSource, parse_allowed_hosts
 from trainer.models import load_model
-from trainer.registry import PROJECT_NAME
 from trainer.runtime import Segmenter
 from trainer.types import Prompts
 
 from . import protocol
+from .fetch import ImageError, ImageFetcher, ImageSource, image_source
+from .label_studio import save_connection
+from .netpolicy import parse_allowed_hosts
 from .settings import Settings
 
 log = logging.getLogger("ml_backend")
+
+
+def build_segmenter(settings: Settings, serving: bool = True) -> Segmenter:
+    """The model the settings name (SAM_MODEL, SAM_CHECKPOINT[_SHA256], DEVICE, TORCH_THREADS): the one way the
+    server, the training jobs and the command line load it. bf16 autocast (ENCODER_/DECODER_BF16) is for serving
+    only: training and evaluation run in fp32."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    model = load_model(settings.sam_model, settings.sam_checkpoint, settings.sam_checkpoint_sha256, settings.device)
+    if not serving:
+        return Segmenter(model)
+    return Segmenter(model, settings.encoder_bf16, settings.decoder_bf16)
 
 
 class SamBackend:
@@ -34,15 +44,11 @@ class SamBackend:
             self._allowed_hosts = parse_allowed_hosts(settings.allowed_image_hosts)
         except ValueError as exc:
             raise SystemExit(f"ALLOWED_IMAGE_HOSTS: {exc}") from None
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        model = load_model(settings.sam_model, settings.sam_checkpoint, settings.sam_checkpoint_sha256,
-                           settings.device)
-        self.segmenter = Segmenter(model, settings.encoder_bf16, settings.decoder_bf16)
+        self.segmenter = build_segmenter(settings)
         disk = DiskEmbeddings(settings.model_dir / "embeddings") if settings.disk_cache else None
         self.cache = EmbeddingCache(settings.cache_mb, disk)
         self.decoders = ActiveDecoders(settings.model_dir, self.segmenter)
-        self._loaders: dict[ImageSource, ImageLoader] = {}
+        self._loaders: dict[ImageSource, ImageFetcher] = {}
         self._loaders_lock = threading.Lock()
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-fetch")
 
@@ -53,7 +59,7 @@ class SamBackend:
     def setup(self, project: str | None, hostname: str | None, access_token: str | None) -> str:
         """Remember how to reach this project's Label Studio (for image URLs); answer the served version."""
         if project and (hostname or access_token):
-            self._save_connection(project, hostname, access_token)
+            save_connection(self.settings, project, hostname, access_token)
         return self.model_version(project)
 
     # -- predictions --------------------------------------------------------------------------------
@@ -94,54 +100,13 @@ class SamBackend:
         return results
 
     @staticmethod
-    def _task_image(loader: ImageLoader, task: dict, config: protocol.LabelConfig):
+    def _task_image(loader: ImageFetcher, task: dict, config: protocol.LabelConfig):
         return loader.load(protocol.task_image_url(task, config), task.get("id"))
 
     # -- Label Studio connection ----------------------------------------------------------------------
-    def _save_connection(self, project: str, hostname: str | None, access_token: str | None) -> None:
-        path = connection_path(self.settings, project)
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"hostname": hostname, "access_token": access_token}, handle)
-        os.replace(tmp, path)
-
-    def _loader(self, project: str | None) -> ImageLoader:
+    def _loader(self, project: str | None) -> ImageFetcher:
         source = image_source(self.settings, project, self._allowed_hosts)
         with self._loaders_lock:
             if source not in self._loaders:
-                self._loaders[source] = ImageLoader(source)
+                self._loaders[source] = ImageFetcher(source)
             return self._loaders[source]
-
-
-def connection_path(settings: Settings, project: str) -> Path | None:
-    """Where /setup's Label Studio hostname and token for a project are kept (0600)."""
-    if not PROJECT_NAME.match(project):
-        return None
-    return settings.model_dir / "projects" / project / "connection.json"
-
-
-def saved_connection(settings: Settings, project: str | None) -> dict:
-    path = connection_path(settings, project) if project else None
-    try:
-        return json.loads(path.read_text()) if path else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def image_source(settings: Settings, project: str | None,
-                 allowed_hosts: tuple[str, ...] | None = None) -> ImageSource:
-    """Where a project's task images come from: LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY, else what /setup
-    told us, under the image settings (allowed hosts, limits)."""
-    s = settings
-    connection = saved_connection(s, project) if not (s.label_studio_url and s.label_studio_api_key) else {}
-    return ImageSource(
-        label_studio_url=s.label_studio_url or connection.get("hostname"),
-        token=s.label_studio_api_key or connection.get("access_token"),
-        allowed_hosts=parse_allowed_hosts(s.allowed_image_hosts) if allowed_hosts is None else allowed_hosts,
-        timeout_s=s.image_timeout_s, max_pixels=s.max_image_pixels, max_bytes=s.max_image_bytes,
-        allow_private=s.allow_private_image_hosts,
-    )

@@ -1,7 +1,7 @@
 """Connect this backend to Label Studio projects (POST /api/ml), once: running it again changes nothing.
 
-    python -m ml_backend.connect --project 1 [--project 2 ...] [--url http://sam-backend:9090]
-    python -m ml_backend.connect --all            every project whose labeling config the backend can serve
+    python -m ml_backend connect --project 1 [--project 2 ...] [--url http://sam-backend:9090]
+    python -m ml_backend connect --all            every project whose labeling config the backend can serve
 
 Label Studio is reached at LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY (a legacy token or a personal access
 token); --url is the backend URL *as Label Studio sees it* (default: $BACKEND_URL, else http://localhost:9090).
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -21,10 +20,10 @@ from typing import Any
 
 import requests
 
-from trainer.images import TOKEN_REFRESH_PATH, jwt_claims
+from .label_studio import TOKEN_REFRESH_PATH, ApiToken, TokenError
+from .settings import Settings
 
 EXIT_FAILED = 2
-DEFAULT_BACKEND_URL = "http://localhost:9090"
 DEFAULT_TITLE = "SAM (segment anything)"
 
 
@@ -66,25 +65,20 @@ class LabelStudio:
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
         self.session = requests.Session()
-        self._auth: dict[str, str] | None = None
+        self._token = ApiToken(self.token)
 
     def _headers(self) -> dict[str, str]:
-        if self._auth is None:
-            claims = jwt_claims(self.token)
-            if claims is None:
-                self._auth = {"Authorization": f"Token {self.token}"}
-            elif claims.get("token_type") == "access":
-                self._auth = {"Authorization": f"Bearer {self.token}"}
-            else:  # a personal access token: exchange it for a short-lived access token
-                resp = self._send("POST", TOKEN_REFRESH_PATH, auth=False, json={"refresh": self.token})
-                if resp.status_code != 200:
-                    raise ConnectError(f"Label Studio refused the personal access token (HTTP {resp.status_code} "
-                                       f"from {TOKEN_REFRESH_PATH}): {_error_text(resp)}")
-                access = (resp.json() or {}).get("access")
-                if not access:
-                    raise ConnectError("Label Studio's token refresh returned no access token")
-                self._auth = {"Authorization": f"Bearer {access}"}
-        return self._auth
+        def exchange(payload: dict) -> tuple[int, Any]:
+            resp = self._send("POST", TOKEN_REFRESH_PATH, auth=False, json=payload)
+            try:
+                return resp.status_code, resp.json()
+            except ValueError:
+                return resp.status_code, None
+
+        try:
+            return self._token.headers(exchange)
+        except TokenError as exc:
+            raise ConnectError(f"Label Studio refused the personal access token: {exc}") from None
 
     def _send(self, method: str, path: str, auth: bool = True, **kw: Any) -> requests.Response:
         headers = self._headers() if auth else {}
@@ -97,7 +91,7 @@ class LabelStudio:
         resp = self._send(method, path, **kw)
         if resp.status_code == 401:
             hint = ("legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on Label Studio"
-                    if jwt_claims(self.token) is None else "the personal access token may have expired or been revoked")
+                    if self._token.claims is None else "the personal access token may have expired or been revoked")
             raise ConnectError(f"Label Studio rejected LABEL_STUDIO_API_KEY (HTTP 401 on {path}): {hint}")
         if resp.status_code >= 400:
             raise HTTPFailure(resp.status_code, path, _error_text(resp))
@@ -196,26 +190,24 @@ def _all_projects(ls: LabelStudio) -> list[dict]:
     return projects
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ml_backend.connect",
-                                     description="Connect the SAM backend to Label Studio projects (idempotent).")
+def add_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
     parser.add_argument("--project", type=int, action="append", default=[], metavar="ID",
                         help="project id (repeatable)")
     parser.add_argument("--all", action="store_true",
                         help="every project whose labeling config the backend can serve (others are skipped)")
-    parser.add_argument("--url", default=os.environ.get("BACKEND_URL") or DEFAULT_BACKEND_URL,
+    parser.add_argument("--url", default=settings.backend_url,
                         help="the backend's URL as Label Studio reaches it (default: $BACKEND_URL or %(default)s)")
     parser.add_argument("--title", default=DEFAULT_TITLE, help="name of the model in Label Studio")
     parser.add_argument("--no-interactive", dest="interactive", action="store_false",
                         help="no interactive pre-annotations (auto-annotation in the editor)")
-    parser.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
-                        help="default: $LABEL_STUDIO_URL")
-    parser.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+    parser.add_argument("--label-studio-url", default=settings.label_studio_url, help="default: $LABEL_STUDIO_URL")
+    parser.add_argument("--api-key", default=settings.label_studio_api_key,
                         help="default: $LABEL_STUDIO_API_KEY (legacy token or personal access token)")
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait up to this long for Label Studio's /health first")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
         return EXIT_FAILED
@@ -259,7 +251,3 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"project {project_id}: {outcome} to {args.url} (ML backend id {ml_id})")
     return EXIT_FAILED if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

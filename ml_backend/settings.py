@@ -14,6 +14,7 @@ def _bool(text: str) -> bool:
 class Settings:
     label_studio_url: str | None = None      # LABEL_STUDIO_URL: where /data/upload images and annotations live
     label_studio_api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY: legacy token or personal access token
+    backend_url: str = "http://localhost:9090"  # BACKEND_URL: this backend as Label Studio reaches it (connect)
     model_dir: Path = Path("models")         # MODEL_DIR: fine-tuned versions, job records, embedding cache
     sam_model: str = "lite_medsam"           # SAM_MODEL: lite_medsam | mobile_sam | vit_b | vit_l | vit_h
     sam_checkpoint: str | None = None        # SAM_CHECKPOINT: weights file (lite_medsam: shipped default)
@@ -48,7 +49,7 @@ class Settings:
     @property
     def runner(self) -> str:
         """Who runs training jobs: embedded (a thread in each backend worker), worker (a separate
-        `python -m ml_backend.worker` process), rq (RQ workers on REDIS_URL) or off."""
+        `python -m ml_backend worker` process), rq (RQ workers on REDIS_URL) or off."""
         if self.training_runner != "auto":
             return self.training_runner
         return "rq" if self.redis_url else "embedded"

@@ -200,6 +200,12 @@ class Editor:
     def regions(self) -> list[dict]:
         return self.page.evaluate(_REGIONS_JS)
 
+    def drawn_regions(self, ids: list[str]) -> list[dict]:
+        """These regions, once the editor has laid them out (a new brush has no bounding box until drawn)."""
+        self.page.wait_for_function("(ids) => ids.every(id => window.Htx.annotationStore.selected.regions"
+                                    ".some(r => r.cleanId === id && r.bboxCoords))", arg=ids)
+        return [r for r in self.regions() if r["id"] in ids]
+
     def suggestions(self) -> list[dict]:
         return self.page.evaluate(_SUGGESTIONS_JS)
 

@@ -109,6 +109,7 @@ def test_every_predicted_result_is_its_own_region_drawn_on_the_image(editor, pro
         if result["type"] == "polygonlabels":
             assert region["points"] == len(result["value"]["points"]) >= 3
 
+    regions = {region["id"]: region for region in editor.drawn_regions(list(regions))}
     bare = editor.image_pixels(show_only=[])
     for kind in REGION_TYPE.values():
         ids = [region_id for region_id, region in regions.items() if region["type"] == kind]
@@ -178,7 +179,7 @@ def _accept_and_check(editor: Editor, target: dict) -> None:
     assert iou > 0.5, f"the mask misses the nucleus (IoU {iou:.2f})"
 
     bare = editor.image_pixels(show_only=[])
-    for region in new:
+    for region in editor.drawn_regions([r["id"] for r in new]):
         shown = editor.image_pixels(show_only=[region["id"]])
         fraction = editor.drawn_fraction(region, bare, shown)
         assert fraction > DRAWN, f"{region['type']} is not drawn ({fraction:.3f} of its box changed)"

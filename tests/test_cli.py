@@ -1,4 +1,4 @@
-"""`python -m trainer` end to end on a tiny COCO subset of dsb2018 (real LiteMedSAM weights)."""
+"""`python -m ml_backend` end to end on a tiny COCO subset of dsb2018 (real LiteMedSAM weights)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ SUBSET = {"train": [4, 12, 25], "val": [93], "test": [62]}  # small 256x256 imag
 def run(*args: str, check: bool = True, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "ALLOW"))}
     env.update(LOG_LEVEL="WARNING", **(env_extra or {}))
-    done = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "ml_backend", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     if check:
         assert done.returncode == 0, done.stderr[-3000:]

@@ -5,7 +5,7 @@
 - the compose services' own commands run OUTSIDE docker with the compose file's environment (interpolated
   from docker/.env.example, compose host names rewritten to 127.0.0.1 ports, MODEL_DIR to a tmp dir) against
   a real Label Studio: the backend becomes healthy (its compose and Dockerfile healthchecks pass),
-  `python -m ml_backend.connect` connects it to a project (idempotently), Retrieve predictions stores a
+  `python -m ml_backend connect` connects it to a project (idempotently), Retrieve predictions stores a
   prediction, the training worker starts and stays up; with the redis override, the RQ worker command
   registers on a real redis-server and runs the backend's training task.
 """
@@ -365,7 +365,7 @@ def test_label_studio_service_matches_the_tested_setup():
     assert backend["environment"]["BACKEND_URL"] == "http://sam-backend:9090"
     assert backend["depends_on"]["label-studio"]["condition"] == "service_healthy"
     worker = compose["services"]["sam-worker"]
-    assert worker["command"] == ["python", "-m", "ml_backend.worker"]
+    assert worker["command"] == ["python", "-m", "ml_backend", "worker"]
     assert worker["depends_on"]["sam-backend"]["condition"] == "service_healthy"
     assert worker["volumes"] == backend["volumes"] == ["models:/data/models"]
     assert worker["environment"] == backend["environment"]
@@ -407,8 +407,8 @@ def test_backend_connect_predict_and_worker_outside_docker(label_studio, tmp_pat
         label_studio.create_annotation(task_id, [rect_result(*a["bbox"], info["width"], info["height"], "nucleus")
                                                  for a in boxes])
 
-        # The documented step: `docker-compose exec sam-backend python -m ml_backend.connect --project ID`
-        connect = ["python", "-m", "ml_backend.connect", "--project", str(project)]
+        # The documented step: `docker-compose exec sam-backend python -m ml_backend connect --project ID`
+        connect = ["python", "-m", "ml_backend", "connect", "--project", str(project)]
         first = _run(connect, backend_env)
         assert first.returncode == 0 and f"project {project}: connected to {url}" in first.stdout, first.stderr
         again = _run(connect, backend_env)
@@ -423,7 +423,7 @@ def test_backend_connect_predict_and_worker_outside_docker(label_studio, tmp_pat
         assert regions[0]["value"]["rle"] and prediction["model_version"].endswith("@base")
 
         # Failures are clear and exit with 2.
-        missing = _run(["python", "-m", "ml_backend.connect", "--project", "987654"], backend_env)
+        missing = _run(["python", "-m", "ml_backend", "connect", "--project", "987654"], backend_env)
         assert missing.returncode == 2 and "987654 does not exist" in missing.stderr, missing.stderr
         bad_token = _run(connect, {**backend_env, "LABEL_STUDIO_API_KEY": "not-a-valid-token"})
         assert bad_token.returncode == 2 and "401" in bad_token.stderr, bad_token.stderr
@@ -487,7 +487,7 @@ def test_redis_override_rq_worker_outside_docker(redis_url, tmp_path):
         check = _run(healthcheck_command(worker["healthcheck"]["test"]), worker_env, timeout=30)
         assert check.returncode == 0, check.stderr
         # The task the backend enqueues runs in this worker, with this environment (no job is due: 0 ran).
-        job = Queue("training", connection=connection).enqueue("ml_backend.worker.rq_run_due_jobs")
+        job = Queue("training", connection=connection).enqueue("ml_backend.training.rq_run_due_jobs")
         wait_for(lambda: job.get_status(refresh=True) in ("finished", "failed"), 90, process, tmp_path / "rq.log",
                  "rq job")
         assert job.get_status() == "finished", _log(tmp_path / "rq.log")

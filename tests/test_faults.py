@@ -9,7 +9,7 @@ decoder or keeps the one it served.
 Registry writes are killed in processes forked from a "zygote" that has already imported torch and loaded a
 real MaskDecoder state dict, so a kill costs a fork, not a 3 s interpreter start. Each step is also hit
 deterministically with `REGISTRY_CRASH_AT=<step>` (trainer/registry.py, test-only), which SIGKILLs the
-writer right there. Training jobs run the production job body (`trainer.worker.run_job`) on a 4-image COCO
+writer right there. Training jobs run the production job body (`trainer.jobs.run_job`) on a 4-image COCO
 subset of dsb2018 under the real `Dispatcher`.
 
 The scenario functions return plain dicts so benchmarks/robustness.py can re-run them for its figures.
@@ -261,7 +261,7 @@ from trainer.finetune import FineTuneConfig
 from trainer.jobs import JobStore
 from trainer.models import load_model
 from trainer.runtime import Segmenter
-from trainer.worker import run_job
+from trainer.jobs import run_job
 
 # margin -1: always promoted; JOB_EPOCHS: a long run for the kills timed by a delay, so the job cannot finish first
 epochs = int(os.environ.get("JOB_EPOCHS", "1"))
@@ -305,7 +305,7 @@ JOB_KILLS: dict[str, dict] = {
 
 def run_killed_job(model_dir: Path, coco: Path, kill: dict, timeout: float = 120) -> dict:
     """Queue a job, run it under a Dispatcher, kill -9 its training process as `kill` says; report invariants."""
-    from trainer.worker import Dispatcher
+    from trainer.jobs import Dispatcher
 
     store = JobStore(model_dir / "jobs.sqlite")
     registry = Registry(model_dir, PROJECT)
@@ -361,7 +361,7 @@ def run_killed_job(model_dir: Path, coco: Path, kill: dict, timeout: float = 120
 
 
 def run_good_job(model_dir: Path, coco: Path) -> dict:
-    from trainer.worker import Dispatcher
+    from trainer.jobs import Dispatcher
 
     store = JobStore(model_dir / "jobs.sqlite")
     store.record_event(PROJECT, "START_TRAINING", 0, QUIET)
@@ -375,7 +375,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from trainer.jobs import JobStore
-from trainer.worker import Dispatcher
+from trainer.jobs import Dispatcher
 model_dir = Path(sys.argv[2])
 Dispatcher(JobStore(model_dir / "jobs.sqlite"), model_dir, json.loads(sys.argv[3])).run_once()
 """
@@ -383,7 +383,7 @@ Dispatcher(JobStore(model_dir / "jobs.sqlite"), model_dir, json.loads(sys.argv[3
 
 def run_dispatcher_killed(model_dir: Path, coco: Path, after_s: float = 2.0, timeout: float = 60) -> dict:
     """kill -9 the dispatcher process, then its training child: the next dispatcher recovers the job as failed."""
-    from trainer.worker import Dispatcher
+    from trainer.jobs import Dispatcher
 
     store = JobStore(model_dir / "jobs.sqlite")
     active_before = Registry(model_dir, PROJECT).active()
@@ -656,7 +656,7 @@ def test_kill_9_dispatcher_and_its_training_child(trained_dir, coco):
 
 def test_disk_full_during_a_training_jobs_checkpoint(trained_dir, coco):
     """The job fails with the write error, nothing is promoted, the events stay (the embeddings are cached)."""
-    from trainer.worker import Dispatcher
+    from trainer.jobs import Dispatcher
 
     store = JobStore(trained_dir / "jobs.sqlite")
     registry = Registry(trained_dir, PROJECT)

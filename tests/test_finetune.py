@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from ml_backend.annotations import load_data, load_label_studio_export
+from ml_backend.fetch import ImageSource
 from tests.dataset import DATASET
 from trainer.cache import DiskEmbeddings, image_key
 from trainer.data import DataError, Dataset, ImageSamples, assign_splits, load_coco, read_image
-from trainer.decoder import decode_windows, prepare_image
+from trainer.decoder import decode_windows, decoder_copy, prepare_image
 from trainer.finetune import (FineTuneConfig, TrainingEmbeddings, evaluate, fine_tune, gate, input_boxes, jitter,
-                              low_res_target, mask_and_iou_loss, sample_loss, trainable_copy, window_forward)
-from trainer.images import ImageSource
+                              low_res_target, mask_and_iou_loss, sample_loss, window_forward)
 from trainer.runtime import Segmenter
 from trainer.types import Box
 
@@ -200,7 +200,7 @@ def test_training_forward_is_the_serving_forward(segmenter: Segmenter, dataset: 
                                                  embeddings: TrainingEmbeddings) -> None:
     (image,) = by_id(dataset, 12)
     embedding, boxes = embeddings.get(image), [s.box for s in image.samples[:3]]
-    decoder = trainable_copy(segmenter.model.sam.mask_decoder)
+    decoder = decoder_copy(segmenter.model.sam.mask_decoder, trainable=True)
     logits, iou, windows = window_forward(segmenter, decoder, embedding, boxes)
     assert logits[0].requires_grad and iou.shape == (3,)
     prompt_encoder = segmenter.model.sam.prompt_encoder
@@ -231,7 +231,7 @@ def test_loss_counts_target_outside_the_window_as_missed() -> None:
 @pytest.mark.parametrize("loss", ["dice-bce", "dice-focal", "seed-mse"])
 def test_decoder_gradients(loss: str, segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbeddings) -> None:
     (image,) = by_id(dataset, 12)
-    decoder = trainable_copy(segmenter.model.sam.mask_decoder)
+    decoder = decoder_copy(segmenter.model.sam.mask_decoder, trainable=True)
     samples = image.samples[:2]
     value = sample_loss(segmenter, decoder, embeddings.get(image), samples, [s.box for s in samples],
                         FineTuneConfig(loss=loss))

@@ -1,4 +1,4 @@
-"""Tests for trainer.images; real HTTP on loopback only (127.0.0.1 and 127.0.0.2).
+"""Tests for image fetching (ml_backend.fetch, netpolicy) and decoding (trainer.images); real HTTP on loopback only (127.0.0.1 and 127.0.0.2).
 
 Made-up host names (``*.example.test``) are answered by a fake resolver (``fake_dns``) that
 never does a real DNS lookup; tests of refused addresses outside loopback make any connection
@@ -29,9 +29,10 @@ import urllib3.util.connection
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from trainer import images
-from trainer.images import (ImageError, ImageLoader, ImageSource, address_problem, decode_image,
-                               normalize_host, parse_allowed_hosts, redact_url)
+from ml_backend import netpolicy
+from ml_backend.fetch import ImageError, ImageFetcher, ImageSource
+from ml_backend.netpolicy import address_problem, normalize_host, parse_allowed_hosts, redact_url
+from trainer.images import decode_image
 
 LEGACY = "legacytoken0123456789abcdef"
 
@@ -150,10 +151,10 @@ def make_jwt(claims: dict) -> str:
     return f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.{b64(claims)}.c2lnbmF0dXJl"
 
 
-def loader(ls: Server | None = None, **kwargs) -> ImageLoader:
+def loader(ls: Server | None = None, **kwargs) -> ImageFetcher:
     kwargs.setdefault("token", LEGACY)
     kwargs.setdefault("timeout_s", 5.0)
-    return ImageLoader(ImageSource(label_studio_url=ls.url if ls else None, **kwargs))
+    return ImageFetcher(ImageSource(label_studio_url=ls.url if ls else None, **kwargs))
 
 
 def rgb_image(w: int = 8, h: int = 6) -> Image.Image:
@@ -197,12 +198,12 @@ def test_relative_url_without_label_studio_url_is_refused():
 def test_malformed_label_studio_url_is_reported():
     for bad in ("http://[::1/", "label-studio:8080", "ftp://ls.example/"):
         with pytest.raises(ImageError, match="Label Studio URL .* is malformed"):
-            ImageLoader(ImageSource(label_studio_url=bad)).load("/data/upload/1/a.png")
+            ImageFetcher(ImageSource(label_studio_url=bad)).load("/data/upload/1/a.png")
 
 
 def test_label_studio_url_with_a_path_prefix(ls):
     ls.serve("/ls/data/upload/1/a.png", encode(rgb_image()))
-    ld = ImageLoader(ImageSource(label_studio_url=ls.url + "/ls/", token=LEGACY, timeout_s=5.0))
+    ld = ImageFetcher(ImageSource(label_studio_url=ls.url + "/ls/", token=LEGACY, timeout_s=5.0))
     assert ld.load("/data/upload/1/a.png").shape == (6, 8, 3)
     assert ld.load(ls.url + "/ls/data/upload/1/a.png").shape == (6, 8, 3)
     assert [r["auth"] for r in ls.requests] == [f"Token {LEGACY}"] * 2
@@ -420,8 +421,8 @@ def test_cloud_uri_resolved_through_presign_to_allow_listed_storage(ls, other, f
 
 def test_cloud_uri_signed_url_on_a_public_host(ls, other, fake_dns, monkeypatch):
     # a real bucket is public; 127.0.0.2 stands in for a public address here (and only here)
-    real = images.address_problem
-    monkeypatch.setattr(images, "address_problem",
+    real = netpolicy.address_problem
+    monkeypatch.setattr(netpolicy, "address_problem",
                         lambda ip, allow_private=False: None if str(ip) == "127.0.0.2" else real(ip, allow_private))
     fake_dns.answers["bucket.s3.example.test"] = ["127.0.0.2"]
     other.serve("/key.png", encode(rgb_image()))
@@ -708,7 +709,7 @@ def test_label_studio_origin_is_compared_after_normalisation(ls):
         loader(ls).load(f"http://{host}:{ls.port}/data/upload/1/a.png")
         assert ls.requests[-1]["auth"] == f"Token {LEGACY}"
         assert ls.requests[-1]["host"] == f"127.0.0.1:{ls.port}"  # requested as configured
-    ls_by_name = ImageLoader(ImageSource(label_studio_url=f"http://LOCALHOST:{ls.port}/", token=LEGACY))
+    ls_by_name = ImageFetcher(ImageSource(label_studio_url=f"http://LOCALHOST:{ls.port}/", token=LEGACY))
     assert ls_by_name.load(f"http://localhost.:{ls.port}/data/upload/1/a.png").shape == (6, 8, 3)
     assert ls.requests[-1]["auth"] == f"Token {LEGACY}"
     # a name is not its address: 127.0.0.1 is not "localhost" for the origin check
@@ -839,7 +840,7 @@ def test_parse_allowed_hosts():
         with pytest.raises(ValueError, match="allowed image host"):
             parse_allowed_hosts(bad)
     with pytest.raises(ValueError, match="allowed image host"):
-        ImageLoader(ImageSource(allowed_hosts=("https://bad/",)))
+        ImageFetcher(ImageSource(allowed_hosts=("https://bad/",)))
 
 
 # ---- decoding ------------------------------------------------------------------

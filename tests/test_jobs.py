@@ -8,8 +8,7 @@ import pytest
 
 from ml_backend.webhooks import parse_webhook
 from ml_backend.protocol import ProtocolError
-from trainer.jobs import JobStore, TriggerPolicy, training_lock
-from trainer.worker import Dispatcher
+from trainer.jobs import Dispatcher, JobStore, TriggerPolicy, training_lock
 
 POLICY = TriggerPolicy(min_annotations=3, debounce_s=10)
 

@@ -1,1 +1,25 @@
-"""Model runtime, fine-tuning and checkpoint registry for the SAM backend (no HTTP, no Label Studio JSON)."""
+"""Model runtime, fine-tuning, checkpoint registry and training jobs for the SAM backend.
+
+The core: no HTTP, no network, no Label Studio JSON (ml_backend/ converts at the edge). Its public names:
+"""
+from .active import ActiveDecoders, ServedDecoder
+from .cache import DiskEmbeddings, EmbeddingCache, image_key
+from .data import DataError, Dataset, ImageSamples, Sample, assign_splits, dataset_summary, load_coco
+from .decoder import decoder_copy
+from .files import write_atomic
+from .finetune import LOSSES, FineTuneConfig, TrainingEmbeddings, evaluate, fine_tune, train_and_register
+from .images import MAX_PIXELS, decode_image
+from .jobs import Dispatcher, Job, JobStore, TriggerPolicy, run_job, training_lock
+from .models import VARIANTS, LoadedModel, ModelLoadError, load_model
+from .registry import PROJECT_NAME, Registry, RegistryError
+from .runtime import BASE_VERSION, Segmenter
+from .types import Box, Embedding, Mask, Point, Prompts
+
+__all__ = [
+    "ActiveDecoders", "ServedDecoder", "DiskEmbeddings", "EmbeddingCache", "image_key", "DataError", "Dataset",
+    "ImageSamples", "Sample", "assign_splits", "dataset_summary", "load_coco", "decoder_copy", "write_atomic",
+    "LOSSES", "FineTuneConfig", "TrainingEmbeddings", "evaluate", "fine_tune", "train_and_register", "MAX_PIXELS",
+    "decode_image", "Dispatcher", "Job", "JobStore", "TriggerPolicy", "run_job", "training_lock", "VARIANTS",
+    "LoadedModel", "ModelLoadError", "load_model", "PROJECT_NAME", "Registry", "RegistryError", "BASE_VERSION",
+    "Segmenter", "Box", "Embedding", "Mask", "Point", "Prompts",
+]

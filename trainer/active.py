@@ -62,8 +62,5 @@ class ActiveDecoders:
 
     def _load(self, registry: Registry, version: str) -> MaskDecoder:
         """The version's decoder, refused when it was trained on top of another base model."""
-        trained_on = registry.base_identity(version)
-        if trained_on != self.segmenter.model.identity:
-            raise RegistryError(f"version {version} was trained on {trained_on}, "
-                                f"not on the served {self.segmenter.model.identity}")
+        registry.check_base_model(version, self.segmenter.model.identity)
         return self.segmenter.fine_tuned_decoder(registry.load_decoder(version))

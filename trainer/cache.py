@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -13,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from .files import write_atomic
 from .types import Embedding
 
 log = logging.getLogger(__name__)
@@ -59,14 +58,8 @@ class DiskEmbeddings:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"original_size": _text(embedding.original_size), "resized_size": _text(embedding.resized_size),
                 "input_size": str(embedding.input_size)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"features": embedding.features.contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(path, lambda tmp: save_file({"features": embedding.features.contiguous()}, tmp, metadata=meta),
+                     fsync=False)  # a cache: a file lost in a crash is recomputed
 
 
 def _text(pair: tuple[int, int]) -> str:
@@ -88,20 +81,17 @@ class EmbeddingCache:
         self._bytes = 0
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
     def get_or_compute(self, key: str, compute: Callable[[], Embedding]) -> tuple[Embedding, bool]:
         """The cached embedding (True) or a freshly computed one (False)."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                self.hits += 1
                 return self._items[key], True
             future = self._inflight.get(key)
             owner = future is None
             if owner:
                 future = self._inflight[key] = Future()
-                self.misses += 1
         if not owner:
             return future.result(), True
         try:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .images import ImageSource, decode_image
+from .images import MAX_PIXELS, decode_image
 from .types import Box, Mask
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,6 @@ class Dataset:
     def split(self, name: str) -> list[ImageSamples]:
         return [i for i in self.images if i.split == name]
 
-    @property
-    def labels(self) -> list[str]:
-        return sorted({s.label for i in self.images for s in i.samples})
-
 
 # -- splits -------------------------------------------------------------------------------------------
 def hash_fraction(image_id: str) -> float:
@@ -120,7 +116,7 @@ def dataset_summary(images: list[ImageSamples], source: str, skipped: dict | Non
 
 
 # -- images -------------------------------------------------------------------------------------------
-def read_image(path: Path, max_pixels: int = ImageSource.max_pixels) -> np.ndarray:
+def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An image file -> RGB uint8 (H, W, 3), decoded as serving decodes task images."""
     try:
         return decode_image(Path(path).read_bytes(), max_pixels)

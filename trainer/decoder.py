@@ -11,6 +11,7 @@ through SAM's own forward.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -134,3 +135,15 @@ def decode_windows(decoder: MaskDecoder, image: ImageTokens, sparse: torch.Tenso
     logits, iou = window_logits(decoder, image, sparse, windows)
     return [LowResMask(logits=l, y0=gy0 * UPSCALE, x0=gx0 * UPSCALE, iou=float(iou[i]))
             for i, (l, (gy0, gx0, _, _)) in enumerate(zip(logits, windows))]
+
+
+def decoder_copy(decoder: MaskDecoder, state: dict[str, torch.Tensor] | None = None,
+                 trainable: bool = False) -> MaskDecoder:
+    """A deep copy of a mask decoder, with `state` loaded (strict: every tensor must fit) when given; in train
+    mode with gradients when `trainable`, else in eval mode, frozen. The one way decoders are copied."""
+    module = copy.deepcopy(decoder)
+    if state is not None:
+        module.load_state_dict(state, strict=True)
+    for parameter in module.parameters():
+        parameter.requires_grad_(trainable)
+    return module.train(trainable)

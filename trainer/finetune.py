@@ -6,7 +6,6 @@ the same windowed forward that serves masks (`decoder.window_logits`).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 import time
@@ -22,8 +21,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 from .cache import DiskEmbeddings, EmbeddingCache, image_key
 from .data import DataError, Dataset, ImageSamples, Sample
-from .decoder import UPSCALE, prepare_image, window_logits
-from .registry import Registry
+from .decoder import UPSCALE, decoder_copy, prepare_image, window_logits
+from .registry import Registry, RegistryError
 from .runtime import BASE_VERSION, Segmenter
 from .types import Box, Embedding, Prompts
 
@@ -247,22 +246,6 @@ def epoch_plan(images: list[ImageSamples], config: FineTuneConfig, epoch: int) -
     return plan
 
 
-def trainable_copy(decoder: MaskDecoder, state: dict[str, torch.Tensor] | None = None) -> MaskDecoder:
-    module = copy.deepcopy(decoder)
-    if state is not None:
-        module.load_state_dict(state, strict=True)
-    for parameter in module.parameters():
-        parameter.requires_grad_(True)
-    return module.train()
-
-
-def frozen(decoder: MaskDecoder) -> MaskDecoder:
-    module = copy.deepcopy(decoder).eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module
-
-
 def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbeddings, config: FineTuneConfig,
               start_state: dict[str, torch.Tensor] | None = None, progress: bool = True) -> FineTuneResult:
     """Train a copy of the mask decoder on the train split; early-stop on val mIoU, keep the best epoch."""
@@ -274,12 +257,12 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
     train, val = dataset.split("train"), dataset.split("val")
     if not train:
         raise DataError("no training images (the train split is empty)")
-    decoder = trainable_copy(segmenter.model.sam.mask_decoder, start_state)
+    decoder = decoder_copy(segmenter.model.sam.mask_decoder, start_state, trainable=True)
     # fused: one kernel per tensor; the per-op loop costs ~1.7 s a step on a busy 2-core machine
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
     def val_miou() -> float | None:
-        return evaluate(segmenter, embeddings, val, frozen(decoder), config.max_val_objects)["miou"] if val else None
+        return evaluate(segmenter, embeddings, val, decoder_copy(decoder), config.max_val_objects)["miou"] if val else None
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
@@ -336,9 +319,10 @@ def train_and_register(segmenter: Segmenter, dataset: Dataset, registry: Registr
     model = segmenter.model
     parent, start_state = registry.active(), None
     if parent is not None:
-        if registry.base_identity(parent) == model.identity:
+        try:
+            registry.check_base_model(parent, model.identity)
             start_state = registry.load_decoder(parent)
-        else:
+        except RegistryError:
             log.warning("active version %s was trained on another base model: comparing with base", parent)
             parent = None
     embeddings = TrainingEmbeddings(segmenter, DiskEmbeddings(Path(model_dir) / "embeddings"))

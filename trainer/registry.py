@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomic
 from .models import file_sha256
 
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -48,17 +48,8 @@ def _crash_point(step: str) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _crash_point("before-pointer-replace")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)),
+                 before_replace=lambda: _crash_point("before-pointer-replace"))
 
 
 class Registry:
@@ -104,9 +95,11 @@ class Registry:
         except (OSError, json.JSONDecodeError) as exc:
             raise RegistryError(f"version {version} of project {self.root.name} has no readable manifest") from exc
 
-    def base_identity(self, version: str) -> str | None:
-        """The identity of the base model the version was fine-tuned on."""
-        return self.manifest(version).get("base_model", {}).get("identity")
+    def check_base_model(self, version: str, identity: str) -> None:
+        """Raise RegistryError unless the version was fine-tuned on the base model with this identity."""
+        trained_on = self.manifest(version).get("base_model", {}).get("identity")
+        if trained_on != identity:
+            raise RegistryError(f"version {version} was trained on base model {trained_on}, not on {identity}")
 
     def load_decoder(self, version: str) -> dict[str, torch.Tensor]:
         """The version's decoder state dict, checked against the sha256 its manifest recorded."""

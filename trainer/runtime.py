@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 
 import cv2
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 
-from .decoder import LowResMask, decode_windows, prepare_image
+from .decoder import LowResMask, decode_windows, decoder_copy, prepare_image
 from .models import LoadedModel
 from .types import Box, Embedding, Mask, Point, Prompts
 
@@ -69,12 +68,7 @@ class Segmenter:
 
     def fine_tuned_decoder(self, state_dict: dict[str, torch.Tensor]) -> MaskDecoder:
         """A copy of the base decoder with fine-tuned weights (strict: every tensor must fit)."""
-        module = copy.deepcopy(self.model.sam.mask_decoder)
-        module.load_state_dict(state_dict, strict=True)
-        module.eval()
-        for parameter in module.parameters():
-            parameter.requires_grad_(False)
-        return module
+        return decoder_copy(self.model.sam.mask_decoder, state_dict)
 
     @torch.inference_mode()
     def embed(self, image: np.ndarray) -> Embedding:

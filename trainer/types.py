@@ -1,7 +1,7 @@
 """Plain typed objects shared by serving and training: prompts in pixels, masks as arrays."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -81,7 +81,6 @@ class Mask:
     image_size: tuple[int, int]
     score: float
     label: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def full(self) -> np.ndarray:
         """The mask as a bool (H, W) array."""

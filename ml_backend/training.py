@@ -1,30 +1,28 @@
-"""Training jobs from the backend's side: record webhook events, wake the runner, run a job.
+"""Training from the backend's side: webhook events become jobs; a job's entry loads the project from Label
+Studio and hands it to the core (trainer.jobs.run_job -> trainer.finetune).
 
-    python -m ml_backend.worker              run due jobs forever (the docker-compose training worker)
-    python -m ml_backend.worker run-job ID   one job (what the dispatcher starts as a child process)
+    python -m ml_backend worker              run due jobs forever (the docker-compose training worker)
+    python -m ml_backend worker --job ID     one job (what the dispatcher starts as a child process)
     rq worker training --url $REDIS_URL --with-scheduler    with REDIS_URL: jobs go through RQ
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 from datetime import timedelta
 
 from trainer.finetune import FineTuneConfig
-from trainer.jobs import JobStore, TriggerPolicy
-from trainer.models import load_model
+from trainer.jobs import Dispatcher, JobStore, TriggerPolicy, run_job
 from trainer.registry import Registry, RegistryError
-from trainer.runtime import BASE_VERSION, Segmenter
-from trainer.worker import Dispatcher, run_job
+from trainer.runtime import BASE_VERSION
 
 from .annotations import load_label_studio_project, task_image_loader
-from .logs import configure
+from .fetch import image_source
 from .settings import Settings
 
-log = logging.getLogger("ml_backend.worker")
-JOB_COMMAND = [sys.executable, "-m", "ml_backend.worker", "run-job"]
+log = logging.getLogger("ml_backend.training")
+JOB_COMMAND = [sys.executable, "-m", "ml_backend", "worker", "--job"]
 RQ_QUEUE = "training"
 
 
@@ -75,9 +73,8 @@ class Training:
                 "versions": versions, **self.store.status(project)}
 
 
-def _load_project(settings: Settings, project: str):
-    from .backend import image_source
-
+def load_project(settings: Settings, project: str):
+    """A job's data: the project's completed annotations and images, through Label Studio."""
     source = image_source(settings, project)
     if not source.label_studio_url or not source.token:
         raise RuntimeError(f"project {project}: no Label Studio URL/token (set LABEL_STUDIO_URL and "
@@ -85,32 +82,22 @@ def _load_project(settings: Settings, project: str):
     return load_label_studio_project(int(project), source, task_image_loader(source))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ml_backend.worker")
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="run due training jobs forever (default)")
-    one = sub.add_parser("run-job", help="run one claimed job (started by the dispatcher)")
-    one.add_argument("job_id", type=int)
-    args = parser.parse_args(argv)
-    settings = Settings.from_env()
-    configure(settings.log_level)
-    if args.command == "run-job":
-        model = load_model(settings.sam_model, settings.sam_checkpoint, settings.sam_checkpoint_sha256,
-                           settings.device)
-        config = FineTuneConfig(epochs=settings.train_epochs, max_objects_per_image=settings.train_objects_per_image,
-                                margin=settings.promotion_margin)
-        try:
-            result = run_job(job_store(settings), args.job_id, Segmenter(model), lambda p: _load_project(settings, p),
-                             settings.model_dir, config, settings.keep_versions)
-        except (RuntimeError, RegistryError, ValueError) as exc:
-            log.error("job failed", extra={"job": args.job_id, "error": str(exc)})
-            return 1
-        log.info("job succeeded", extra={"job": args.job_id, **result})
-        return 0
-    log.info("training worker started", extra={"model_dir": str(settings.model_dir)})
-    dispatcher(settings).loop()
+def run_one_job(settings: Settings, job_id: int, segmenter) -> int:
+    """The child process's body: fine-tune on the project's data, gate, record; exit code 0 or 1."""
+    config = FineTuneConfig(epochs=settings.train_epochs, max_objects_per_image=settings.train_objects_per_image,
+                            margin=settings.promotion_margin)
+    try:
+        result = run_job(job_store(settings), job_id, segmenter, lambda p: load_project(settings, p),
+                         settings.model_dir, config, settings.keep_versions)
+    except (RuntimeError, RegistryError, ValueError) as exc:
+        log.error("job failed", extra={"job": job_id, "error": str(exc)})
+        return 1
+    log.info("job succeeded", extra={"job": job_id, **result})
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def serve(settings: Settings) -> int:
+    """Run due jobs forever (the training worker)."""
+    log.info("training worker started", extra={"model_dir": str(settings.model_dir)})
+    dispatcher(settings).loop()
+    return 0

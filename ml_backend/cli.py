@@ -1,17 +1,21 @@
-"""Command line: python -m trainer train | eval | versions | activate | rollback.
+"""The command line: python -m ml_backend train | eval | versions | activate | rollback | connect | worker.
 
-Errors a user can fix (bad path, no data, unknown version, bad project name, bad checkpoint) print one line on
-stderr and exit with code 2. With --json the last stdout line is one JSON object.
+Every command reads the backend's settings (environment variables, README "Settings"): MODEL_DIR, SAM_MODEL,
+SAM_CHECKPOINT(_SHA256), DEVICE, TORCH_THREADS, LABEL_STUDIO_URL / _API_KEY and the image rules and limits;
+flags override some of them. Errors a user can fix (bad path, no data, unknown version, bad project name, bad
+checkpoint) print one line on stderr and exit with code 2. With --json the last stdout line is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
+
+from .settings import Settings
 
 EXIT_USAGE = 2
 
@@ -20,31 +24,33 @@ class UsageError(Exception):
     """A bad option value."""
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, settings: Settings) -> None:
     parser.add_argument("--project", required=True, help="project name (letters, digits, '_', '.', '-')")
-    parser.add_argument("--model-dir", default=os.environ.get("MODEL_DIR", "models"),
-                        help="where versions and the embedding cache live (env MODEL_DIR, default ./models)")
+    parser.add_argument("--model-dir", type=Path, default=settings.model_dir,
+                        help="where versions and the embedding cache live (default: $MODEL_DIR, else ./models)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=os.environ.get("SAM_MODEL", "lite_medsam"), help="SAM variant")
-    parser.add_argument("--checkpoint", default=os.environ.get("SAM_CHECKPOINT"), help="weights file")
+def _model_args(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    parser.add_argument("--model", default=settings.sam_model, help="SAM variant (default: $SAM_MODEL)")
+    parser.add_argument("--checkpoint", default=settings.sam_checkpoint, help="weights file (default: $SAM_CHECKPOINT)")
     parser.add_argument("--data", required=True,
                         help="COCO folder, Label Studio JSON export file, or ls://<project id> "
-                             "(with env LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+                             "(with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .finetune import LOSSES, FineTuneConfig
+def build_parser(settings: Settings) -> argparse.ArgumentParser:
+    from trainer.finetune import LOSSES, FineTuneConfig
+
+    from . import connect
 
     defaults = FineTuneConfig()
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ml_backend", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune the mask decoder; promote the result if it wins on val")
-    _model_args(train)
-    _common(train)
+    _model_args(train, settings)
+    _common(train, settings)
     train.add_argument("--epochs", type=int, default=defaults.epochs)
     train.add_argument("--lr", type=float, default=defaults.lr)
     train.add_argument("--loss", choices=LOSSES, default=defaults.loss,
@@ -58,52 +64,52 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--margin", type=float, default=defaults.margin,
                        help="val mIoU the new decoder must gain over the active one to be promoted")
     train.add_argument("--val-fraction", type=float, default=0.2, help="hash split when the data has none")
-    train.add_argument("--keep-last", type=int, default=5, help="versions kept by pruning (plus the active one)")
+    train.add_argument("--keep-last", type=int, default=settings.keep_versions,
+                       help="versions kept by pruning (plus the active one; default: $KEEP_VERSIONS)")
 
     evaluate = commands.add_parser("eval", help="box-prompted mIoU of a version on a data split")
-    _model_args(evaluate)
-    _common(evaluate)
+    _model_args(evaluate, settings)
+    _common(evaluate, settings)
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument("--version", default="active", help="a version id, 'active' or 'base'")
     evaluate.add_argument("--val-fraction", type=float, default=0.2)
 
     versions = commands.add_parser("versions", help="list a project's versions")
-    _common(versions)
+    _common(versions, settings)
     activate = commands.add_parser("activate", help="serve a version ('base': the base model)")
     activate.add_argument("version")
-    _common(activate)
+    _common(activate, settings)
     rollback = commands.add_parser("rollback", help="re-activate the previously active version")
-    _common(rollback)
+    _common(rollback, settings)
+
+    connect.add_arguments(commands.add_parser(
+        "connect", help="connect the backend to Label Studio projects (idempotent)",
+        description=connect.__doc__.split("\n\n")[0]), settings)
+    worker = commands.add_parser("worker", help="run due training jobs forever (the training worker)")
+    worker.add_argument("--job", type=int, metavar="ID", help="run one claimed job (what the dispatcher starts)")
     return parser
 
 
 def _load_segmenter(args: argparse.Namespace):
-    from .models import load_model
-    from .runtime import Segmenter
+    from .backend import build_segmenter
 
-    return Segmenter(load_model(args.model, args.checkpoint))
+    return build_segmenter(args.settings, serving=False)
 
 
 def _load_data(args: argparse.Namespace):
-    """--data through the backend's image rules: LABEL_STUDIO_URL / _API_KEY, ALLOWED_IMAGE_HOSTS,
-    ALLOW_PRIVATE_IMAGE_HOSTS (the same environment variables the backend reads). Label Studio's JSON is
-    read by the backend's edge module (ml_backend.annotations); the CLI is an edge too."""
-    from ml_backend.annotations import load_data
-
-    from .images import ImageSource, parse_allowed_hosts
+    """--data, with images fetched under the backend's rules and limits (the same Settings)."""
+    from .annotations import load_data
+    from .fetch import image_source
 
     try:
-        hosts = parse_allowed_hosts(os.environ.get("ALLOWED_IMAGE_HOSTS", ""))
+        source = image_source(args.settings, None)
     except ValueError as exc:
         raise UsageError(f"ALLOWED_IMAGE_HOSTS: {exc}") from exc
-    allow_private = os.environ.get("ALLOW_PRIVATE_IMAGE_HOSTS", "").strip().lower() in ("1", "true", "yes", "on")
-    source = ImageSource(os.environ.get("LABEL_STUDIO_URL") or None, os.environ.get("LABEL_STUDIO_API_KEY") or None,
-                         allowed_hosts=hosts, allow_private=allow_private)
     return load_data(args.data, source, val_fraction=args.val_fraction)
 
 
 def cmd_train(args: argparse.Namespace, registry) -> dict:
-    from .finetune import FineTuneConfig, train_and_register
+    from trainer.finetune import FineTuneConfig, train_and_register
 
     if args.epochs < 1 or args.max_objects_per_image < 1 or args.lr <= 0:
         raise UsageError("--epochs and --max-objects-per-image must be >= 1 and --lr > 0")
@@ -112,20 +118,19 @@ def cmd_train(args: argparse.Namespace, registry) -> dict:
                             max_objects_per_epoch=args.max_objects_per_epoch, box_jitter=args.box_jitter)
     dataset = _load_data(args)
     segmenter = _load_segmenter(args)
-    report = train_and_register(segmenter, dataset, registry, args.model_dir, config, progress=sys.stderr.isatty())
+    report = train_and_register(segmenter, dataset, registry, args.settings.model_dir, config,
+                                progress=sys.stderr.isatty())
     report["data"] = dataset.summary
     return report
 
 
 def cmd_eval(args: argparse.Namespace, registry) -> dict:
-    from .cache import DiskEmbeddings
-    from .data import DataError
-    from .finetune import TrainingEmbeddings, evaluate
-    from .registry import RegistryError
-    from .runtime import BASE_VERSION
+    from trainer.cache import DiskEmbeddings
+    from trainer.data import DataError
+    from trainer.finetune import TrainingEmbeddings, evaluate
+    from trainer.runtime import BASE_VERSION
 
     version = registry.active() if args.version == "active" else None if args.version == "base" else args.version
-    manifest = registry.manifest(version) if version is not None else {}
     dataset = _load_data(args)
     images = dataset.split(args.split)
     if not images:
@@ -133,12 +138,9 @@ def cmd_eval(args: argparse.Namespace, registry) -> dict:
     segmenter = _load_segmenter(args)
     decoder = None
     if version is not None:
-        trained_on = manifest.get("base_model", {}).get("identity")
-        if trained_on != segmenter.model.identity:
-            raise RegistryError(f"version {version} was trained on base model {trained_on}, "
-                                f"not {segmenter.model.identity}")
+        registry.check_base_model(version, segmenter.model.identity)
         decoder = segmenter.fine_tuned_decoder(registry.load_decoder(version))
-    embeddings = TrainingEmbeddings(segmenter, DiskEmbeddings(Path(args.model_dir) / "embeddings"))
+    embeddings = TrainingEmbeddings(segmenter, DiskEmbeddings(args.settings.model_dir / "embeddings"))
     result = evaluate(segmenter, embeddings, images, decoder)
     return {"version": version or BASE_VERSION, "model_version": segmenter.model_version(version or BASE_VERSION),
             "split": args.split, **result}
@@ -185,22 +187,23 @@ def _print_human(command: str, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
+    settings = Settings.from_env()
+    args = build_parser(settings).parse_args(argv)
+    changed = {"model_dir": getattr(args, "model_dir", None), "sam_model": getattr(args, "model", None),
+               "sam_checkpoint": getattr(args, "checkpoint", None)}
+    args.settings = dataclasses.replace(settings, **{k: v for k, v in changed.items() if v is not None})
+    if args.command in ("connect", "worker"):
+        return _edge_command(args)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    threads = os.environ.get("TORCH_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:  # same setting as serving's workers
-        import torch
-
-        torch.set_num_threads(int(threads))
-    from .data import DataError
-    from .models import ModelLoadError
-    from .registry import Registry, RegistryError
+    from trainer.data import DataError
+    from trainer.models import ModelLoadError
+    from trainer.registry import Registry, RegistryError
 
     commands = {"train": cmd_train, "eval": cmd_eval, "versions": cmd_versions, "activate": cmd_activate,
                 "rollback": cmd_rollback}
     try:
-        registry = Registry(args.model_dir, args.project, keep_last=getattr(args, "keep_last", 5))
+        registry = Registry(args.settings.model_dir, args.project, keep_last=getattr(args, "keep_last", 5))
         report = commands[args.command](args, registry)
     except (DataError, RegistryError, ModelLoadError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -215,5 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _edge_command(args: argparse.Namespace) -> int:
+    from . import connect, training
+    from .logs import configure
+
+    if args.command == "connect":
+        return connect.run(args)
+    configure(args.settings.log_level)
+    if args.job is not None:
+        from .backend import build_segmenter
+
+        return training.run_one_job(args.settings, args.job, build_segmenter(args.settings, serving=False))
+    return training.serve(args.settings)

@@ -1,0 +1,117 @@
+"""Label Studio as the backend reaches it: its API token (exchanged once, here) and the per-project
+connections /setup tells us about."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from trainer.files import write_atomic
+from trainer.registry import PROJECT_NAME
+
+from .settings import Settings
+
+TOKEN_REFRESH_PATH = "/api/token/refresh/"  # LS 1.23 route; note the trailing slash
+_REFRESH_MARGIN_S = 30.0  # refresh an access token this long before it expires
+
+
+class TokenError(Exception):
+    """Label Studio would not exchange the token; the message says why (never contains the token)."""
+
+
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    """Claims of a JWT (unverified), or None if ``token`` is not a JWT."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+
+class ApiToken:
+    """LABEL_STUDIO_API_KEY as request headers, for every client of Label Studio (connect, image fetching).
+
+    A legacy token is sent as ``Token <key>``, an access JWT as ``Bearer``; a personal access token (a JWT
+    refresh token) is exchanged at TOKEN_REFRESH_PATH for a short-lived access token, cached until shortly
+    before it expires (thread-safe). ``exchange(body) -> (HTTP status, JSON body or None)`` posts to that path
+    with the caller's own transport (its timeouts, its connection rules).
+    """
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+        self.claims = jwt_claims(token) if token else None
+        self._lock = threading.Lock()
+        self._access: str | None = None
+        self._access_exp = 0.0
+
+    @property
+    def refreshes(self) -> bool:
+        """A personal access token: its access tokens expire, and a 401 may mean "refresh and retry"."""
+        return self.claims is not None and self.claims.get("token_type") != "access"
+
+    def headers(self, exchange: Callable[[dict], tuple[int, Any]]) -> dict[str, str]:
+        if not self.token:
+            return {}
+        if self.claims is None:
+            return {"Authorization": f"Token {self.token}"}
+        if not self.refreshes:
+            return {"Authorization": f"Bearer {self.token}"}
+        return {"Authorization": f"Bearer {self._access_token(exchange)}"}
+
+    def forget(self) -> None:
+        """Drop the cached access token (after a 401): the next headers() exchanges again."""
+        with self._lock:
+            self._access = None
+
+    def _access_token(self, exchange: Callable[[dict], tuple[int, Any]]) -> str:
+        with self._lock:
+            if self._access and time.time() < self._access_exp - _REFRESH_MARGIN_S:
+                return self._access
+            status, body = exchange({"refresh": self.token})
+            if status != 200:
+                exp = (self.claims or {}).get("exp")
+                expired = isinstance(exp, (int, float)) and exp < time.time()
+                hint = " (the personal access token has expired)" if expired else ""
+                raise TokenError(f"Label Studio token refresh failed: HTTP {status}{hint}")
+            access = body.get("access") if isinstance(body, dict) else None
+            if not isinstance(access, str) or not access:
+                raise TokenError("Label Studio token refresh returned no access token")
+            exp = (jwt_claims(access) or {}).get("exp")
+            self._access = access
+            self._access_exp = float(exp) if isinstance(exp, (int, float)) else time.time() + 300
+            return access
+
+
+
+
+def save_connection(settings: Settings, project: str, hostname: str | None, access_token: str | None) -> None:
+    """Remember the Label Studio hostname and token /setup sent for a project (0600, written atomically)."""
+    path = connection_path(settings, project)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"hostname": hostname, "access_token": access_token})
+    write_atomic(path, lambda tmp: tmp.write_text(body), mode=0o600)
+
+
+def connection_path(settings: Settings, project: str) -> Path | None:
+    """Where /setup's Label Studio hostname and token for a project are kept (0600)."""
+    if not PROJECT_NAME.match(project):
+        return None
+    return settings.model_dir / "projects" / project / "connection.json"
+
+
+def saved_connection(settings: Settings, project: str | None) -> dict:
+    path = connection_path(settings, project) if project else None
+    try:
+        return json.loads(path.read_text()) if path else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
