@@ -24,7 +24,8 @@ from tests.dataset import DATASET
 from trainer.decoder import decoder_copy
 from trainer.cache import DiskEmbeddings
 from trainer.data import Dataset, ImageSamples, load_coco
-from trainer.finetune import FineTuneConfig, TrainingEmbeddings, epoch_plan, fine_tune, jitter, sample_loss
+from trainer.finetune import (FineTuneConfig, TrainingEmbeddings, epoch_plan, fine_tune, jitter, make_loss,
+                              sample_loss)
 from trainer.models import LoadedModel, build_network, load_model
 from trainer.runtime import Segmenter
 from trainer.types import Embedding
@@ -56,7 +57,7 @@ def isolated_step_s(segmenter: Segmenter, data: Dataset, embeddings: TrainingEmb
         samples = [image.samples[i] for i in picks]
         boxes = [jitter(s.box, rng, config.box_jitter, *embedding.original_size[::-1]) for s in samples]
         began = time.perf_counter()
-        loss = sample_loss(segmenter, decoder, embedding, samples, boxes, config)
+        loss = sample_loss(segmenter, decoder, embedding, samples, boxes, make_loss(config))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

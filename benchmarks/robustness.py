@@ -40,7 +40,7 @@ from werkzeug.wrappers import Request, Response  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
 from tests import dataset, fuzzing  # noqa: E402
-from tests import test_faults as faults  # noqa: E402
+from tests import faults  # noqa: E402
 from tests.backend_server import start_backend  # noqa: E402
 from tests.dataset import make_coco  # noqa: E402
 from tests.label_studio import brush_mask, rect_result  # noqa: E402

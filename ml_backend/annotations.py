@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -274,15 +273,11 @@ def load_label_studio_project(project_id: int, source: ImageSource, image_loader
 
 
 def image_data_key(label_config: str) -> str | None:
-    """The task data field of the label config's first <Image value="$field">, if any."""
+    """The task data field of the label config's Image (protocol.parse_label_config's reading), if any."""
     try:
-        root = ET.fromstring(label_config)
-    except ET.ParseError:
+        return protocol.parse_label_config(label_config).image_key
+    except protocol.ProtocolError:
         return None
-    for element in root.iter():
-        if element.tag.lower() == "image" and element.get("value", "").startswith("$"):
-            return element.get("value")[1:]
-    return None
 
 
 # -- entry point ----------------------------------------------------------------------------------------

@@ -87,22 +87,10 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
 
     @app.post("/predict")
     def predict():
-        body = _json_body()
-        tasks = body.get("tasks")
-        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-            raise protocol.ProtocolError("tasks must be a list of task objects")
-        if len(tasks) > settings.max_tasks:
-            raise protocol.ProtocolError(f"{len(tasks)} tasks in one call; at most {settings.max_tasks} "
-                                         "(MAX_TASKS_PER_REQUEST)")
-        config = protocol.parse_label_config(body.get("label_config"))
-        params = body.get("params") if isinstance(body.get("params"), dict) else {}
-        context = params.get("context")
-        if context is not None and not isinstance(context, dict):
-            raise protocol.ProtocolError("params.context must be an object or null")
-        project = protocol.project_id(body.get("project"))
-        results = backend.predict(tasks, config, project, context)
-        g.log = {"project": project, "tasks": len(tasks), "interactive": bool(context and context.get("result"))}
-        return jsonify(results=results, model_version=backend.model_version(project))
+        query = protocol.parse_predict_request(request.get_json(silent=True), settings.max_tasks)
+        results = backend.predict(query)
+        g.log = {"project": query.project, "tasks": len(query.tasks), "interactive": query.interactive}
+        return jsonify(results=results, model_version=backend.model_version(query.project))
 
     @app.post("/webhook")
     def webhook():

@@ -63,9 +63,9 @@ class SamBackend:
         return self.model_version(project)
 
     # -- predictions --------------------------------------------------------------------------------
-    def predict(self, tasks: list[dict], config: protocol.LabelConfig, project: str | None,
-                context: dict | None) -> list[dict]:
+    def predict(self, query: protocol.PredictRequest) -> list[dict]:
         """One prediction entry per task, in task order. A task whose image fails gets an error entry."""
+        tasks, config, project, context = query.tasks, query.config, query.project, query.context
         served = self.decoders.get(project)
         version = self.segmenter.model_version(served.version)
         loader = self._loader(project)

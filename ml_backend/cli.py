@@ -40,7 +40,8 @@ def _model_args(parser: argparse.ArgumentParser, settings: Settings) -> None:
 
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
-    from trainer.finetune import LOSSES, FineTuneConfig
+    from trainer.finetune import FineTuneConfig
+    from trainer.losses import LOSSES
 
     from . import connect
 
@@ -53,7 +54,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     _common(train, settings)
     train.add_argument("--epochs", type=int, default=defaults.epochs)
     train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--loss", choices=LOSSES, default=defaults.loss,
+    train.add_argument("--loss", choices=list(LOSSES), default=defaults.loss,
                        help="dice-bce (default), dice-focal (focal instead of BCE, 20:1 as in SAM's paper) or "
                             "seed-mse (the popular recipe; its gradient is zero: a baseline)")
     train.add_argument("--max-objects-per-image", type=int, default=defaults.max_objects_per_image)

@@ -11,112 +11,14 @@ Exit code 0 when every project is connected (now or before), 2 on any failure.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
-import time
-from dataclasses import dataclass
-from typing import Any
 
-import requests
-
-from .label_studio import TOKEN_REFRESH_PATH, ApiToken, TokenError
+from .label_studio import ConnectError, HTTPFailure, LabelStudioClient
 from .settings import Settings
 
 EXIT_FAILED = 2
 DEFAULT_TITLE = "SAM (segment anything)"
-
-
-class ConnectError(Exception):
-    """A failure with a message meant for the user."""
-
-
-class HTTPFailure(ConnectError):
-    """Label Studio answered with an HTTP error."""
-
-    def __init__(self, status: int, path: str, message: str) -> None:
-        super().__init__(f"HTTP {status} on {path}: {message}")
-        self.status = status
-
-
-def _error_text(resp: requests.Response) -> str:
-    """Label Studio's error message, without HTML."""
-    try:
-        body = resp.json()
-    except ValueError:
-        text = resp.text
-    else:
-        if isinstance(body, dict):
-            detail = body.get("validation_errors") or body.get("detail") or body
-            text = json.dumps(detail) if not isinstance(detail, str) else detail
-        else:
-            text = json.dumps(body)
-    text = re.sub(r"<[^>]+>", "", text)
-    text = text.replace("\\n", " ").replace("\\\"", "\"")
-    return " ".join(text.split())[:1500]
-
-
-@dataclass
-class LabelStudio:
-    url: str
-    token: str
-    timeout_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        self.url = self.url.rstrip("/")
-        self.session = requests.Session()
-        self._token = ApiToken(self.token)
-
-    def _headers(self) -> dict[str, str]:
-        def exchange(payload: dict) -> tuple[int, Any]:
-            resp = self._send("POST", TOKEN_REFRESH_PATH, auth=False, json=payload)
-            try:
-                return resp.status_code, resp.json()
-            except ValueError:
-                return resp.status_code, None
-
-        try:
-            return self._token.headers(exchange)
-        except TokenError as exc:
-            raise ConnectError(f"Label Studio refused the personal access token: {exc}") from None
-
-    def _send(self, method: str, path: str, auth: bool = True, **kw: Any) -> requests.Response:
-        headers = self._headers() if auth else {}
-        try:
-            return self.session.request(method, self.url + path, headers=headers, timeout=self.timeout_s, **kw)
-        except requests.RequestException as exc:
-            raise ConnectError(f"cannot reach Label Studio at {self.url}: {exc}") from None
-
-    def call(self, method: str, path: str, **kw: Any) -> Any:
-        resp = self._send(method, path, **kw)
-        if resp.status_code == 401:
-            hint = ("legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on Label Studio"
-                    if self._token.claims is None else "the personal access token may have expired or been revoked")
-            raise ConnectError(f"Label Studio rejected LABEL_STUDIO_API_KEY (HTTP 401 on {path}): {hint}")
-        if resp.status_code >= 400:
-            raise HTTPFailure(resp.status_code, path, _error_text(resp))
-        if not resp.content:
-            return None
-        try:
-            return resp.json()
-        except ValueError:
-            raise ConnectError(f"{self.url}{path} did not answer JSON (HTTP {resp.status_code}): is "
-                               f"{self.url} Label Studio's URL?") from None
-
-    def wait_healthy(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        last = "no answer"
-        while True:
-            try:
-                resp = self.session.get(self.url + "/health", timeout=5)
-                if resp.status_code == 200:
-                    return
-                last = f"HTTP {resp.status_code}"
-            except requests.RequestException as exc:
-                last = str(exc)
-            if time.monotonic() >= deadline:
-                raise ConnectError(f"Label Studio at {self.url} not healthy within {seconds:.0f} s ({last})")
-            time.sleep(2)
 
 
 def _same_url(a: str, b: str) -> bool:
@@ -134,7 +36,7 @@ def _check_config(project: dict) -> str | None:
     return None
 
 
-def connect_project(ls: LabelStudio, project_id: int, backend_url: str, title: str,
+def connect_project(ls: LabelStudioClient, project_id: int, backend_url: str, title: str,
                     interactive: bool) -> tuple[str, int]:
     """Connect one project; returns ("connected" | "already connected", ML backend id)."""
     try:
@@ -172,7 +74,7 @@ def connect_project(ls: LabelStudio, project_id: int, backend_url: str, title: s
     return "connected", int(created["id"])
 
 
-def _all_projects(ls: LabelStudio) -> list[dict]:
+def _all_projects(ls: LabelStudioClient) -> list[dict]:
     projects: list[dict] = []
     page = 1
     while True:
@@ -221,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if not re.match(r"^https?://[^/\s]+", args.url):
         return fail(f"--url {args.url!r} is not an http(s) URL")
 
-    ls = LabelStudio(args.label_studio_url, args.api_key)
+    ls = LabelStudioClient(args.label_studio_url, args.api_key)
     failures = 0
     try:
         if args.wait > 0:

@@ -55,7 +55,7 @@ from requests.adapters import HTTPAdapter
 
 from trainer.images import MAX_PIXELS, decode_image
 
-from .label_studio import TOKEN_REFRESH_PATH, ApiToken, TokenError, saved_connection
+from .label_studio import ApiToken, TokenError, saved_connection
 from .netpolicy import (Refused, Url, checked_address, host_allowed, parse_allowed_hosts, parse_url, redact_url,
                         split_url)
 from .settings import Settings
@@ -347,15 +347,9 @@ class ImageFetcher:
     # ---- Label Studio token -------------------------------------------------
 
     def _auth_headers(self, deadline: float) -> dict[str, str]:
-        def exchange(payload: dict) -> tuple[int, Any]:
-            with self._request("POST", self._require_ls() + TOKEN_REFRESH_PATH, deadline, json=payload) as resp:
-                try:
-                    return resp.status_code, resp.json()
-                except ValueError:
-                    return resp.status_code, None
-
         try:
-            return self._token.headers(exchange)
+            return self._token.headers(
+                lambda path, body: self._request("POST", self._require_ls() + path, deadline, json=body))
         except TokenError as exc:
             raise Refused(str(exc)) from None
 

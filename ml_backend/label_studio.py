@@ -5,10 +5,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import requests
 
 from trainer.files import write_atomic
 from trainer.registry import PROJECT_NAME
@@ -41,8 +45,8 @@ class ApiToken:
 
     A legacy token is sent as ``Token <key>``, an access JWT as ``Bearer``; a personal access token (a JWT
     refresh token) is exchanged at TOKEN_REFRESH_PATH for a short-lived access token, cached until shortly
-    before it expires (thread-safe). ``exchange(body) -> (HTTP status, JSON body or None)`` posts to that path
-    with the caller's own transport (its timeouts, its connection rules).
+    before it expires (thread-safe). ``post(path, body) -> requests.Response`` sends the exchange with the
+    caller's own transport (its timeouts, its connection rules).
     """
 
     def __init__(self, token: str | None) -> None:
@@ -57,25 +61,30 @@ class ApiToken:
         """A personal access token: its access tokens expire, and a 401 may mean "refresh and retry"."""
         return self.claims is not None and self.claims.get("token_type") != "access"
 
-    def headers(self, exchange: Callable[[dict], tuple[int, Any]]) -> dict[str, str]:
+    def headers(self, post: Callable[[str, dict], requests.Response]) -> dict[str, str]:
         if not self.token:
             return {}
         if self.claims is None:
             return {"Authorization": f"Token {self.token}"}
         if not self.refreshes:
             return {"Authorization": f"Bearer {self.token}"}
-        return {"Authorization": f"Bearer {self._access_token(exchange)}"}
+        return {"Authorization": f"Bearer {self._access_token(post)}"}
 
     def forget(self) -> None:
         """Drop the cached access token (after a 401): the next headers() exchanges again."""
         with self._lock:
             self._access = None
 
-    def _access_token(self, exchange: Callable[[dict], tuple[int, Any]]) -> str:
+    def _access_token(self, post: Callable[[str, dict], requests.Response]) -> str:
         with self._lock:
             if self._access and time.time() < self._access_exp - _REFRESH_MARGIN_S:
                 return self._access
-            status, body = exchange({"refresh": self.token})
+            with post(TOKEN_REFRESH_PATH, {"refresh": self.token}) as resp:
+                status = resp.status_code
+                try:
+                    body = resp.json()
+                except ValueError:
+                    body = None
             if status != 200:
                 exp = (self.claims or {}).get("exp")
                 expired = isinstance(exp, (int, float)) and exp < time.time()
@@ -115,3 +124,91 @@ def saved_connection(settings: Settings, project: str | None) -> dict:
         return json.loads(path.read_text()) if path else {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# -- the REST client (connect) ----------------------------------------------------------------------------
+class ConnectError(Exception):
+    """A failure with a message meant for the user."""
+
+
+class HTTPFailure(ConnectError):
+    """Label Studio answered with an HTTP error."""
+
+    def __init__(self, status: int, path: str, message: str) -> None:
+        super().__init__(f"HTTP {status} on {path}: {message}")
+        self.status = status
+
+
+def _error_text(resp: requests.Response) -> str:
+    """Label Studio's error message, without HTML."""
+    try:
+        body = resp.json()
+    except ValueError:
+        text = resp.text
+    else:
+        if isinstance(body, dict):
+            detail = body.get("validation_errors") or body.get("detail") or body
+            text = json.dumps(detail) if not isinstance(detail, str) else detail
+        else:
+            text = json.dumps(body)
+    text = re.sub(r"<[^>]+>", "", text)
+    text = text.replace("\\n", " ").replace("\\\"", "\"")
+    return " ".join(text.split())[:1500]
+
+
+@dataclass
+class LabelStudioClient:
+    """Label Studio's REST API with LABEL_STUDIO_API_KEY (any token kind); errors are ConnectError with a hint."""
+
+    url: str
+    token: str
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self.session = requests.Session()
+        self._token = ApiToken(self.token)
+
+    def _headers(self) -> dict[str, str]:
+        try:
+            return self._token.headers(lambda path, body: self._send("POST", path, auth=False, json=body))
+        except TokenError as exc:
+            raise ConnectError(f"Label Studio refused the personal access token: {exc}") from None
+
+    def _send(self, method: str, path: str, auth: bool = True, **kw: Any) -> requests.Response:
+        headers = self._headers() if auth else {}
+        try:
+            return self.session.request(method, self.url + path, headers=headers, timeout=self.timeout_s, **kw)
+        except requests.RequestException as exc:
+            raise ConnectError(f"cannot reach Label Studio at {self.url}: {exc}") from None
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        resp = self._send(method, path, **kw)
+        if resp.status_code == 401:
+            hint = ("legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on Label Studio"
+                    if self._token.claims is None else "the personal access token may have expired or been revoked")
+            raise ConnectError(f"Label Studio rejected LABEL_STUDIO_API_KEY (HTTP 401 on {path}): {hint}")
+        if resp.status_code >= 400:
+            raise HTTPFailure(resp.status_code, path, _error_text(resp))
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            raise ConnectError(f"{self.url}{path} did not answer JSON (HTTP {resp.status_code}): is "
+                               f"{self.url} Label Studio's URL?") from None
+
+    def wait_healthy(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        last = "no answer"
+        while True:
+            try:
+                resp = self.session.get(self.url + "/health", timeout=5)
+                if resp.status_code == 200:
+                    return
+                last = f"HTTP {resp.status_code}"
+            except requests.RequestException as exc:
+                last = str(exc)
+            if time.monotonic() >= deadline:
+                raise ConnectError(f"Label Studio at {self.url} not healthy within {seconds:.0f} s ({last})")
+            time.sleep(2)

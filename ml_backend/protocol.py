@@ -234,6 +234,38 @@ def prediction(masks: list[Mask], config: LabelConfig, model_version: str) -> di
     return {"result": result, "score": round(score, 4), "model_version": model_version}
 
 
+@dataclass(frozen=True)
+class PredictRequest:
+    """A checked /predict body: the tasks (Label Studio's dicts, checked per task later), the parsed label
+    config, the project id and the interactive context (None in batch mode)."""
+
+    tasks: list[dict]
+    config: LabelConfig
+    project: str | None
+    context: dict | None
+
+    @property
+    def interactive(self) -> bool:
+        return bool(self.context and self.context.get("result"))
+
+
+def parse_predict_request(body: object, max_tasks: int) -> PredictRequest:
+    """Every check of a /predict body; ProtocolError (HTTP 400) names what is wrong."""
+    if not isinstance(body, dict):
+        raise ProtocolError("request body must be a JSON object")
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise ProtocolError("tasks must be a list of task objects")
+    if len(tasks) > max_tasks:
+        raise ProtocolError(f"{len(tasks)} tasks in one call; at most {max_tasks} (MAX_TASKS_PER_REQUEST)")
+    config = parse_label_config(body.get("label_config"))
+    params = body.get("params") if isinstance(body.get("params"), dict) else {}
+    context = params.get("context")
+    if context is not None and not isinstance(context, dict):
+        raise ProtocolError("params.context must be an object or null")
+    return PredictRequest(tasks, config, project_id(body.get("project")), context)
+
+
 def project_id(value: object) -> str | None:
     """Label Studio sends project as "<id>.<timestamp>" to /setup and /predict, as an object in webhooks."""
     if isinstance(value, dict):

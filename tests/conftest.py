@@ -25,6 +25,15 @@ def ls_project(label_studio: LabelStudioServer, request: pytest.FixtureRequest) 
 # --------------------------- end Label Studio fixtures ---------------------
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server for the module's tests (fails if it is not installed)."""
+    from tests.services import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Keep each phase's report on the test item (request.node.report_call) for fixtures that act on failure."""
@@ -102,3 +111,58 @@ def no_proxy_for_loopback() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# ---------------------------------------------------------------------------
+# HTTP stand-ins for image fetching (tests/image_http.py): servers on 127.0.0.1 / 127.0.0.2, fake DNS
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def ls():
+    """A tiny HTTP server on 127.0.0.1 playing Label Studio."""
+    from tests.image_http import Server
+
+    server = Server("127.0.0.1")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def other():
+    """Another host: a tiny HTTP server on 127.0.0.2."""
+    from tests.image_http import Server
+
+    server = Server("127.0.0.2")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fake_dns(monkeypatch):
+    """socket.getaddrinfo answering made-up names from .answers (never a real lookup)."""
+    import socket
+
+    from tests.image_http import FakeDNS
+
+    dns = FakeDNS(socket.getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    return dns
+
+
+@pytest.fixture
+def no_connect(monkeypatch):
+    """Any outgoing connection attempt fails the test loudly; yields the list of attempts."""
+    import socket
+
+    import urllib3.util.connection
+
+    attempts: list = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise AssertionError(f"connection attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", refuse)
+    return attempts

@@ -31,6 +31,7 @@ import yaml
 from tests import dataset
 from tests.label_studio import (PASSWORD, SAM_LABEL_CONFIG, TOKEN, USERNAME, _ls_env, free_port, label_studio_bin,
                                 rect_result)
+from tests.services import log_tail, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -222,18 +223,6 @@ def run_service(command: list[str], env: dict[str, str], log_path: Path) -> Iter
                 continue
 
 
-def _log(path: Path) -> str:
-    return path.read_text(errors="replace")[-4000:] if path.exists() else "<no log>"
-
-
-def wait_for(predicate, timeout: float, process: subprocess.Popen, log_path: Path, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert process.poll() is None, f"{what}: the process exited with {process.returncode}:\n{_log(log_path)}"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s:\n{_log(log_path)}"
-        time.sleep(0.5)
-
-
 def _healthy(url: str) -> bool:
     try:
         return requests.get(url + "/health", timeout=2).status_code == 200
@@ -393,7 +382,7 @@ def test_backend_connect_predict_and_worker_outside_docker(label_studio, tmp_pat
     url = f"http://127.0.0.1:{port}"
 
     with run_service(backend["command"], backend_env, tmp_path / "backend.log") as process:
-        wait_for(lambda: _healthy(url), 150, process, tmp_path / "backend.log", "backend /health")
+        wait_for(lambda: _healthy(url), 150, "backend /health", process, tmp_path / "backend.log")
         for test in (backend["healthcheck"]["test"],
                      ["CMD", *_exec_form(dict(dockerfile_instructions())["HEALTHCHECK"].split(" CMD ", 1)[1])]):
             check = _run(healthcheck_command(test), backend_env, timeout=30)
@@ -430,34 +419,13 @@ def test_backend_connect_predict_and_worker_outside_docker(label_studio, tmp_pat
 
         worker_env = localize(worker["environment"], addresses, model_dir)
         with run_service(worker["command"], worker_env, tmp_path / "worker.log") as worker_process:
-            wait_for(lambda: "training worker started" in _log(tmp_path / "worker.log"), 60, worker_process,
-                     tmp_path / "worker.log", "training worker start")
+            wait_for(lambda: "training worker started" in log_tail(tmp_path / "worker.log"), 60, "training worker start",
+                     worker_process, tmp_path / "worker.log")
             time.sleep(3)
-            assert worker_process.poll() is None, _log(tmp_path / "worker.log")
+            assert worker_process.poll() is None, log_tail(tmp_path / "worker.log")
             check = _run(healthcheck_command(worker["healthcheck"]["test"]), worker_env, timeout=30)
             assert check.returncode == 0, check.stderr
-            assert worker_process.poll() is None, _log(tmp_path / "worker.log")
-
-
-@pytest.fixture
-def redis_url(tmp_path) -> Iterator[str]:
-    exe = shutil.which("redis-server")
-    assert exe, "redis-server is not installed (scripts/test.sh installs it: apt-get install redis-server)"
-    port = free_port()
-    with run_service([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                      "--daemonize", "no"], {"PATH": "/usr/bin:/bin"}, tmp_path / "redis.log") as process:
-        from redis import Redis
-
-        client = Redis(host="127.0.0.1", port=port, socket_timeout=2)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except Exception:
-                return False
-
-        wait_for(up, 20, process, tmp_path / "redis.log", "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
+            assert worker_process.poll() is None, log_tail(tmp_path / "worker.log")
 
 
 def test_redis_override_rq_worker_outside_docker(redis_url, tmp_path):
@@ -483,13 +451,13 @@ def test_redis_override_rq_worker_outside_docker(redis_url, tmp_path):
     connection = Redis.from_url(redis_url)
     with run_service(command, worker_env, tmp_path / "rq.log") as process:
         wait_for(lambda: any("training" in w.queue_names() for w in Worker.all(connection=connection)), 60,
-                 process, tmp_path / "rq.log", "rq worker registered on queue 'training'")
+                 "rq worker registered on queue 'training'", process, tmp_path / "rq.log")
         check = _run(healthcheck_command(worker["healthcheck"]["test"]), worker_env, timeout=30)
         assert check.returncode == 0, check.stderr
         # The task the backend enqueues runs in this worker, with this environment (no job is due: 0 ran).
         job = Queue("training", connection=connection).enqueue("ml_backend.training.rq_run_due_jobs")
-        wait_for(lambda: job.get_status(refresh=True) in ("finished", "failed"), 90, process, tmp_path / "rq.log",
-                 "rq job")
-        assert job.get_status() == "finished", _log(tmp_path / "rq.log")
+        wait_for(lambda: job.get_status(refresh=True) in ("finished", "failed"), 90, "rq job", process,
+                 tmp_path / "rq.log")
+        assert job.get_status() == "finished", log_tail(tmp_path / "rq.log")
         assert job.return_value() == 0
         assert process.poll() is None

@@ -16,6 +16,7 @@ from label_studio_sdk.converter.brush import mask2rle
 from tests import dataset
 from tests.backend_server import start_backend
 from tests.label_studio import brush_mask, rect_result
+from tests.services import wait_for
 
 TRAIN_IMAGES = dataset.splits()["train"][:10]
 HELD_OUT = dataset.splits()["test"][:6]
@@ -43,16 +44,6 @@ def held_out_miou(label_studio, task_ids: list[int], version_suffix: str) -> flo
         for region, annotation in zip(predictions[0]["result"], dataset.annotations(image_id)):
             ious.append(dataset.iou(brush_mask(region), dataset.gt_mask(annotation)))
     return float(np.mean(ious))
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

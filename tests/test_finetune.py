@@ -16,7 +16,8 @@ from trainer.cache import DiskEmbeddings, image_key
 from trainer.data import DataError, Dataset, ImageSamples, assign_splits, load_coco, read_image
 from trainer.decoder import decode_windows, decoder_copy, prepare_image
 from trainer.finetune import (FineTuneConfig, TrainingEmbeddings, evaluate, fine_tune, gate, input_boxes, jitter,
-                              low_res_target, mask_and_iou_loss, sample_loss, window_forward)
+                              low_res_target, make_loss, sample_loss, window_forward)
+from trainer.losses import WindowDiceLoss
 from trainer.runtime import Segmenter
 from trainer.types import Box
 
@@ -218,13 +219,13 @@ def test_loss_counts_target_outside_the_window_as_missed() -> None:
     target[10:20, 10:30] = 1.0  # 200 pixels, half of them outside the window below
     logits = [torch.full((10, 10), -20.0)]
     logits[0][:, :] = 20.0  # predicts exactly the part inside the window
-    inside_only = mask_and_iou_loss(logits, torch.tensor([0.5]), [target], [(10, 10, 20, 20)])
+    inside_only = WindowDiceLoss()(logits, torch.tensor([0.5]), [target], [(10, 10, 20, 20)])
     assert float(inside_only) == pytest.approx(1 - (2 * 100 + 1) / (100 + 200 + 1) + 0.0, abs=1e-3)
-    whole = mask_and_iou_loss([torch.full((10, 20), 20.0)], torch.tensor([1.0]), [target], [(10, 10, 20, 30)])
+    whole = WindowDiceLoss()([torch.full((10, 20), 20.0)], torch.tensor([1.0]), [target], [(10, 10, 20, 30)])
     assert float(whole) < 1e-3  # exact mask, IoU head right: no loss
     unsure = [torch.zeros(10, 20)]  # p = 0.5 everywhere: BCE log 2; focal (alpha 0.25, gamma 2) 20 * log 2 / 8
-    bce = mask_and_iou_loss(unsure, torch.tensor([0.0]), [target], [(10, 10, 20, 30)])
-    focal = mask_and_iou_loss(unsure, torch.tensor([0.0]), [target], [(10, 10, 20, 30)], focal=True)
+    bce = WindowDiceLoss()(unsure, torch.tensor([0.0]), [target], [(10, 10, 20, 30)])
+    focal = WindowDiceLoss(focal=True)(unsure, torch.tensor([0.0]), [target], [(10, 10, 20, 30)])
     assert float(focal - bce) == pytest.approx((20 * 0.25 * 0.25 - 1) * np.log(2), abs=1e-4)
 
 
@@ -234,7 +235,7 @@ def test_decoder_gradients(loss: str, segmenter: Segmenter, dataset: Dataset, em
     decoder = decoder_copy(segmenter.model.sam.mask_decoder, trainable=True)
     samples = image.samples[:2]
     value = sample_loss(segmenter, decoder, embeddings.get(image), samples, [s.box for s in samples],
-                        FineTuneConfig(loss=loss))
+                        make_loss(FineTuneConfig(loss=loss)))
     value.backward()
     grads = [p.grad.abs().max().item() for p in decoder.parameters() if p.grad is not None]
     assert all(not p.requires_grad for p in segmenter.model.sam.parameters())  # the base model stays frozen

@@ -1,16 +1,16 @@
 """Smoke test of the real-Label-Studio harness (tests/label_studio.py)."""
 
 import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
+from tests.dataset import DATASET
 from tests.label_studio import SAM_LABEL_CONFIG, LabelStudioServer, free_port, rect_result
 
-IMAGES = Path("/work/shared/datasets/dsb2018_nuclei/images")
+IMAGES = DATASET / "images"
 
 
 def test_project_upload_annotate_roundtrip(label_studio: LabelStudioServer) -> None:

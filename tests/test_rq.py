@@ -2,47 +2,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import requests
 
 from tests.backend_server import start_backend
-from tests.label_studio import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (scripts/test.sh installs it)"
-    port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        from redis import Redis
-
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                Redis.from_url(url).ping()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def test_start_training_runs_through_rq_worker(redis_url, tmp_path):

@@ -7,8 +7,9 @@ from .cache import DiskEmbeddings, EmbeddingCache, image_key
 from .data import DataError, Dataset, ImageSamples, Sample, assign_splits, dataset_summary, load_coco
 from .decoder import decoder_copy
 from .files import write_atomic
-from .finetune import LOSSES, FineTuneConfig, TrainingEmbeddings, evaluate, fine_tune, train_and_register
+from .finetune import FineTuneConfig, TrainingEmbeddings, evaluate, fine_tune, make_loss, train_and_register
 from .images import MAX_PIXELS, decode_image
+from .losses import LOSSES, SeedMSELoss, WindowDiceLoss
 from .jobs import Dispatcher, Job, JobStore, TriggerPolicy, run_job, training_lock
 from .models import VARIANTS, LoadedModel, ModelLoadError, load_model
 from .registry import PROJECT_NAME, Registry, RegistryError
@@ -18,7 +19,7 @@ from .types import Box, Embedding, Mask, Point, Prompts
 __all__ = [
     "ActiveDecoders", "ServedDecoder", "DiskEmbeddings", "EmbeddingCache", "image_key", "DataError", "Dataset",
     "ImageSamples", "Sample", "assign_splits", "dataset_summary", "load_coco", "decoder_copy", "write_atomic",
-    "LOSSES", "FineTuneConfig", "TrainingEmbeddings", "evaluate", "fine_tune", "train_and_register", "MAX_PIXELS",
+    "LOSSES", "SeedMSELoss", "WindowDiceLoss", "make_loss", "FineTuneConfig", "TrainingEmbeddings", "evaluate", "fine_tune", "train_and_register", "MAX_PIXELS",
     "decode_image", "Dispatcher", "Job", "JobStore", "TriggerPolicy", "run_job", "training_lock", "VARIANTS",
     "LoadedModel", "ModelLoadError", "load_model", "PROJECT_NAME", "Registry", "RegistryError", "BASE_VERSION",
     "Segmenter", "Box", "Embedding", "Mask", "Point", "Prompts",

@@ -9,27 +9,24 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
-from torchvision.ops import sigmoid_focal_loss
 
 from .cache import DiskEmbeddings, EmbeddingCache, image_key
 from .data import DataError, Dataset, ImageSamples, Sample
 from .decoder import UPSCALE, decoder_copy, prepare_image, window_logits
+from .losses import LOSSES, SeedMSELoss, WindowDiceLoss
 from .registry import Registry, RegistryError
 from .runtime import BASE_VERSION, Segmenter
 from .types import Box, Embedding, Prompts
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("dice-bce", "dice-focal", "seed-mse")
-FOCAL_WEIGHT = 20.0  # SAM's paper: focal and Dice in a 20:1 ratio
 SIZES = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, float("inf")))
 
 
@@ -85,9 +82,7 @@ class TrainingEmbeddings:
 # -- geometry ---------------------------------------------------------------------------------------------
 def input_boxes(boxes: list[Box], embedding: Embedding) -> torch.Tensor:
     """Boxes in original pixels -> (B, 4) in the model's input frame."""
-    (height, width), (new_h, new_w) = embedding.original_size, embedding.resized_size
-    sx, sy = new_w / width, new_h / height
-    return torch.tensor([[b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy] for b in boxes], dtype=torch.float32)
+    return torch.tensor([embedding.box_to_input(b) for b in boxes], dtype=torch.float32)
 
 
 def low_res_target(sample: Sample, embedding: Embedding, low_res: int = 256) -> torch.Tensor:
@@ -137,53 +132,21 @@ def window_forward(segmenter: Segmenter, decoder: MaskDecoder, embedding: Embedd
     return logits, iou, [tuple(UPSCALE * v for v in window) for window in grid_windows]
 
 
-# -- losses -----------------------------------------------------------------------------------------------
-def mask_and_iou_loss(logits: list[torch.Tensor], iou_pred: torch.Tensor, targets: list[torch.Tensor],
-                      windows: list[tuple[int, int, int, int]], iou_weight: float = 1.0,
-                      focal: bool = False) -> torch.Tensor:
-    """Per object: logits (h, w) on its window (y0, x0, y1, x1) of the low-res frame, target (256, 256) in [0, 1]
-    -> mean over objects of Dice + BCE (or FOCAL_WEIGHT x focal) on the window, + iou_weight * MSE(iou_pred (B,),
-    true IoU). Target pixels outside the window count as missed: serving predicts background there.
-    """
-    mask_losses, true_ious = [], []
-    for logit, target, (y0, x0, y1, x1) in zip(logits, targets, windows):
-        inside = target[y0:y1, x0:x1]
-        prob = logit.sigmoid()
-        dice = 1 - (2 * (prob * inside).sum() + 1) / (prob.sum() + target.sum() + 1)
-        pixels = (FOCAL_WEIGHT * sigmoid_focal_loss(logit, inside, reduction="mean") if focal
-                  else F.binary_cross_entropy_with_logits(logit, inside))
-        mask_losses.append(dice + pixels)
-        with torch.no_grad():
-            hits = ((logit > 0) & (inside > 0.5)).sum()
-            true_ious.append(hits / ((logit > 0).sum() + (target > 0.5).sum() - hits).clamp(min=1))
-    return torch.stack(mask_losses).mean() + iou_weight * F.mse_loss(iou_pred, torch.stack(true_ious).float())
-
-
-def seed_mse_loss(logits: torch.Tensor, embedding: Embedding, masks: list[np.ndarray]) -> torch.Tensor:
-    """The popular recipe: MSE(normalize(threshold(upscaled, 0, 0)), gt) at the original size.
-
-    With one mask channel this is piecewise constant in the logits: its gradient is zero (exactly, or float
-    rounding of ~1e-9 from normalize's backward, which Adam's scaling can still turn into a slow random walk).
-    """
-    size = embedding.input_size
-    new_h, new_w = embedding.resized_size
-    upscaled = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)[..., :new_h, :new_w]
-    upscaled = F.interpolate(upscaled, embedding.original_size, mode="bilinear", align_corners=False)
-    gt = torch.from_numpy(np.stack(masks)).float().unsqueeze(1)
-    return F.mse_loss(F.normalize(F.threshold(upscaled, 0.0, 0)), gt)
+def make_loss(config: FineTuneConfig) -> WindowDiceLoss | SeedMSELoss:
+    """The loss object config.loss names, with config's IoU-head weight."""
+    loss = LOSSES[config.loss]
+    return replace(loss, iou_weight=config.iou_loss_weight) if isinstance(loss, WindowDiceLoss) else loss
 
 
 def sample_loss(segmenter: Segmenter, decoder: MaskDecoder, embedding: Embedding, samples: list[Sample],
-                boxes: list[Box], config: FineTuneConfig) -> torch.Tensor:
+                boxes: list[Box], loss: WindowDiceLoss | SeedMSELoss) -> torch.Tensor:
     """The training loss of some objects of one image, prompted with the given (jittered) boxes."""
-    if config.loss == "seed-mse":
+    if not loss.on_windows:
         logits, _ = sam_forward(segmenter, decoder, embedding, boxes)
-        return seed_mse_loss(logits, embedding, [s.mask for s in samples])
+        return loss(logits, embedding, [s.mask for s in samples])
     logits, iou_pred, windows = window_forward(segmenter, decoder, embedding, boxes)
     low_res = UPSCALE * embedding.features.shape[-1]
-    targets = [low_res_target(s, embedding, low_res) for s in samples]
-    return mask_and_iou_loss(logits, iou_pred, targets, windows, config.iou_loss_weight,
-                             focal=config.loss == "dice-focal")
+    return loss(logits, iou_pred, [low_res_target(s, embedding, low_res) for s in samples], windows)
 
 
 # -- evaluation -------------------------------------------------------------------------------------------
@@ -247,12 +210,15 @@ def epoch_plan(images: list[ImageSamples], config: FineTuneConfig, epoch: int) -
 
 
 def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbeddings, config: FineTuneConfig,
-              start_state: dict[str, torch.Tensor] | None = None, progress: bool = True) -> FineTuneResult:
-    """Train a copy of the mask decoder on the train split; early-stop on val mIoU, keep the best epoch."""
+              start_state: dict[str, torch.Tensor] | None = None, progress: bool = True,
+              loss: WindowDiceLoss | SeedMSELoss | None = None) -> FineTuneResult:
+    """Train a copy of the mask decoder on the train split; early-stop on val mIoU, keep the best epoch.
+    loss: a loss object (trainer.losses); default: the one config.loss names."""
     from tqdm import tqdm
 
-    if config.loss not in LOSSES:
+    if loss is None and config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
+    loss_fn = loss or make_loss(config)
     torch.manual_seed(config.seed)
     train, val = dataset.split("train"), dataset.split("val")
     if not train:
@@ -279,11 +245,11 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
             samples = [image.samples[i] for i in picks]
             height, width = embedding.original_size
             boxes = [jitter(s.box, rng, config.box_jitter, width, height) for s in samples]
-            loss = sample_loss(segmenter, decoder, embedding, samples, boxes, config)
+            value = sample_loss(segmenter, decoder, embedding, samples, boxes, loss_fn)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(value.item())
         trained = time.perf_counter() - began
         miou = val_miou()
         best.curves.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_miou": miou,

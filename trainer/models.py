@@ -7,11 +7,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-VARIANTS = ("lite_medsam", "mobile_sam", "vit_b", "vit_l", "vit_h")
 
 # Official file names end with the first hex digits of the file's sha256 (torch.hub's convention).
 OFFICIAL_SHA256_PREFIX = {
@@ -40,8 +39,8 @@ class LoadedModel:
 
     @property
     def box_only(self) -> bool:
-        """LiteMedSAM was trained with box prompts only: clicks alone mean little to it."""
-        return self.variant == "lite_medsam"
+        """Trained with box prompts only (LiteMedSAM): clicks alone mean little to it."""
+        return VARIANTS[self.variant].box_only
 
     @property
     def identity(self) -> str:
@@ -89,20 +88,42 @@ def _prompt_encoder_and_decoder(input_size: int) -> tuple[PromptEncoder, MaskDec
     return prompt_encoder, mask_decoder
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One SAM variant: only what differs between them.
+
+    image_encoder(input_size) builds its encoder, with SAM's prompt encoder and mask decoder around it;
+    None: segment-anything's own builder of that name. normalization: "minmax" (per-image min-max to 0..255)
+    or "imagenet" (SAM's pixel mean/std)."""
+
+    input_size: int = 1024
+    normalization: str = "imagenet"
+    image_encoder: Callable[[int], torch.nn.Module] | None = None
+    box_only: bool = False
+
+
+VARIANTS: dict[str, Variant] = {
+    "lite_medsam": Variant(256, "minmax", _tiny_vit, box_only=True),
+    "mobile_sam": Variant(image_encoder=_tiny_vit),
+    "vit_b": Variant(),
+    "vit_l": Variant(),
+    "vit_h": Variant(),
+}
+
+
 def build_network(variant: str) -> tuple[Sam, int, str]:
     """An untrained network of the variant, with its input size and normalisation."""
-    if variant == "lite_medsam":
-        prompt_encoder, mask_decoder = _prompt_encoder_and_decoder(256)
-        sam = Sam(_tiny_vit(256), prompt_encoder, mask_decoder, pixel_mean=[0, 0, 0], pixel_std=[255, 255, 255])
-        return sam, 256, "minmax"
-    if variant == "mobile_sam":
-        prompt_encoder, mask_decoder = _prompt_encoder_and_decoder(1024)
-        return Sam(_tiny_vit(1024), prompt_encoder, mask_decoder), 1024, "imagenet"
-    if variant in ("vit_b", "vit_l", "vit_h"):
+    spec = VARIANTS.get(variant)
+    if spec is None:
+        raise ModelLoadError(f"unknown SAM variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if spec.image_encoder is None:
         from segment_anything import sam_model_registry
 
-        return sam_model_registry[variant](checkpoint=None), 1024, "imagenet"
-    raise ModelLoadError(f"unknown SAM variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        return sam_model_registry[variant](checkpoint=None), spec.input_size, spec.normalization
+    prompt_encoder, mask_decoder = _prompt_encoder_and_decoder(spec.input_size)
+    pixels = {"pixel_mean": [0, 0, 0], "pixel_std": [255, 255, 255]} if spec.normalization == "minmax" else {}
+    sam = Sam(spec.image_encoder(spec.input_size), prompt_encoder, mask_decoder, **pixels)
+    return sam, spec.input_size, spec.normalization
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:

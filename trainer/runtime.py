@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 
-from .decoder import LowResMask, decode_windows, decoder_copy, prepare_image
+from .decoder import UPSCALE, LowResMask, decode_windows, decoder_copy, prepare_image
 from .models import LoadedModel
 from .types import Box, Embedding, Mask, Point, Prompts
 
@@ -123,19 +123,13 @@ class Segmenter:
         covering = [m for m in masks if m.full()[y, x]]
         return max(covering or masks, key=lambda m: m.score)
 
-    def _scale(self, embedding: Embedding) -> tuple[float, float]:
-        """Model-input pixels per original pixel, (y, x)."""
-        (height, width), (new_h, new_w) = embedding.original_size, embedding.resized_size
-        return new_h / height, new_w / width
-
     def _prompt_embedding(self, embedding: Embedding, box: Box | None, points: tuple[Point, ...]) -> torch.Tensor:
-        sy, sx = self._scale(embedding)
         box_tensor = None
         if box is not None:
-            box_tensor = torch.tensor([[box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy]])
+            box_tensor = torch.tensor([embedding.box_to_input(box)])
         point_input = None
         if points:
-            coords = torch.tensor([[[p.x * sx, p.y * sy] for p in points]])
+            coords = torch.tensor([[embedding.point_to_input(p) for p in points]])
             labels = torch.tensor([[1 if p.positive else 0 for p in points]])
             point_input = (coords, labels)
         sparse, _ = self.model.sam.prompt_encoder(points=point_input, boxes=box_tensor, masks=None)
@@ -144,13 +138,12 @@ class Segmenter:
     def grid_window(self, embedding: Embedding, box: Box | None,
                     points: tuple[Point, ...]) -> tuple[int, int, int, int]:
         """The decoder-grid cells (gy0, gx0, gy1, gx1) whose pixels the mask may cover."""
-        grid_h, grid_w = embedding.features.shape[-2:]
-        per_input = grid_h / embedding.input_size
+        per_input = embedding.grid_per_input
         new_h, new_w = embedding.resized_size
         limit_y, limit_x = math.ceil(new_h * per_input), math.ceil(new_w * per_input)
         if box is None:
             return 0, 0, limit_y, limit_x
-        sy, sx = self._scale(embedding)
+        sy, sx = embedding.input_scale
         xs = [box.x0, box.x1] + [p.x for p in points]
         ys = [box.y0, box.y1] + [p.y for p in points]
         x0, x1 = min(xs) * sx * per_input, max(xs) * sx * per_input
@@ -164,9 +157,8 @@ class Segmenter:
                      points: tuple[Point, ...]) -> Mask:
         """Bilinear resampling of the window's logits onto the original pixels it covers; threshold 0."""
         height, width = embedding.original_size
-        grid_h = embedding.features.shape[-2]
-        low_res_per_input = 4 * grid_h / embedding.input_size
-        sy, sx = self._scale(embedding)
+        low_res_per_input = UPSCALE * embedding.grid_per_input
+        sy, sx = embedding.input_scale
         ry, rx = sy * low_res_per_input, sx * low_res_per_input  # low-res pixels per original pixel
         ph, pw = low_res.logits.shape
         y0, y1 = max(0, math.floor(low_res.y0 / ry)), min(height, math.ceil((low_res.y0 + ph) / ry))

@@ -66,6 +66,28 @@ class Embedding:
     def nbytes(self) -> int:
         return self.features.element_size() * self.features.nelement()
 
+    # The one mapping between original pixels and the model's input frame (and its feature grid).
+    @property
+    def input_scale(self) -> tuple[float, float]:
+        """Model-input pixels per original pixel, (y, x)."""
+        (height, width), (new_h, new_w) = self.original_size, self.resized_size
+        return new_h / height, new_w / width
+
+    @property
+    def grid_per_input(self) -> float:
+        """Feature-grid cells per model-input pixel."""
+        return self.features.shape[-2] / self.input_size
+
+    def box_to_input(self, box: Box) -> list[float]:
+        """A box in original pixels -> [x0, y0, x1, y1] in the model's input frame."""
+        sy, sx = self.input_scale
+        return [box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy]
+
+    def point_to_input(self, point: Point) -> list[float]:
+        """A click in original pixels -> [x, y] in the model's input frame."""
+        sy, sx = self.input_scale
+        return [point.x * sx, point.y * sy]
+
 
 @dataclass
 class Mask:

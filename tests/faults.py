@@ -1,0 +1,453 @@
+"""Fault-injection helpers shared by tests/test_faults.py and benchmarks/robustness.py: a zygote that writes
+registry versions and can be killed at each step, real training jobs under the Dispatcher, disk-full runs, and
+the checks of what a killed writer left behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from trainer.jobs import JobStore, TriggerPolicy
+from trainer.models import default_checkpoint, file_sha256
+from trainer.registry import Registry, RegistryError
+
+BASE = {"base_model": {"identity": "lite_medsam-" + file_sha256(default_checkpoint("lite_medsam"))[:12]}}
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSET = {"train": [4, 12], "val": [93], "test": [62]}  # small 256x256 images, 3-4 nuclei each
+PROJECT = "faults"
+QUIET = TriggerPolicy(min_annotations=10**9, debounce_s=0)  # record events without queueing jobs
+REGISTRY_STEPS = ("weights-written", "manifest-written", "before-rename", "version-written",
+                  "before-pointer-replace", "activated", "prune-renamed")
+
+
+# -- shared helpers --------------------------------------------------------------------------------------------
+def save_decoder_state(path: Path) -> Path:
+    """A real (randomly initialised) LiteMedSAM MaskDecoder state dict as safetensors; no weights needed."""
+    from safetensors.torch import save_file
+
+    from trainer.models import build_network
+
+    if not path.exists():
+        state = build_network("lite_medsam")[0].mask_decoder.state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def registry_problems(model_dir: Path, project: str = PROJECT) -> list[str]:
+    """What is wrong with the registry as readers see it (empty: nothing)."""
+    registry = Registry(model_dir, project)
+    problems = []
+    listed = registry.versions()
+    for info in listed:
+        try:
+            registry.load_decoder(info.version)
+        except RegistryError as exc:
+            problems.append(f"listed version does not load: {exc}")
+    active = registry.active()
+    if active is not None and active not in {i.version for i in listed}:
+        problems.append(f"active version {active} is not listed")
+    if (registry.root / "active.json").exists():
+        try:
+            json.loads((registry.root / "active.json").read_text())
+        except json.JSONDecodeError:
+            problems.append("active.json is not JSON")
+    return problems
+
+
+def database_problems(db_path: Path) -> list[str]:
+    with sqlite3.connect(db_path) as db:
+        result = db.execute("PRAGMA integrity_check").fetchone()[0]
+    return [] if result == "ok" else [f"jobs.sqlite integrity_check: {result}"]
+
+
+def served_problems(decoders, model_dir: Path, project: str = PROJECT) -> list[str]:
+    """ActiveDecoders must serve the active version, with exactly the weights stored for it."""
+    registry = Registry(model_dir, project)
+    active = registry.active()
+    served = decoders.get(project)
+    if served.version != (active or "base"):
+        return [f"served {served.version}, active is {active}"]
+    if active is None:
+        return []
+    stored = registry.load_decoder(active)
+    module_state = served.module.state_dict()
+    return [f"served weights of {active} differ from the file: {k}" for k in stored
+            if not module_state[k].equal(stored[k])][:1]
+
+
+def stat_signal(status: int) -> str | None:
+    return signal.Signals(os.WTERMSIG(status)).name if os.WIFSIGNALED(status) else None
+
+
+def _dead(pid: int) -> bool:
+    """Gone or a zombie whose threads have all exited (a killed leader turns zombie before its other threads
+    finish exiting, and they still hold its files, the training lock included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            if handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                return False
+        return len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _wait_dead(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not _dead(pid):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} still alive")
+        time.sleep(0.02)
+
+
+# -- registry writers, forked from a warm zygote ----------------------------------------------------------------
+ZYGOTE = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from safetensors.torch import load_file
+from trainer.models import default_checkpoint, file_sha256
+from trainer.registry import Registry
+BASE = {"base_model": {"identity": "lite_medsam-" + file_sha256(default_checkpoint("lite_medsam"))[:12]}}
+
+state = load_file(sys.argv[2])
+key = "output_upscaling.0.bias"
+print("ready", flush=True)
+for line in sys.stdin:
+    command = line.split()
+    if command[0] == "spawn":  # spawn MODEL_DIR PROJECT CRASH_AT|- FIRST_ITERATION
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if command[3] != "-":
+                    os.environ["REGISTRY_CRASH_AT"] = command[3]
+                registry = Registry(command[1], command[2], keep_last=3)
+                i = int(command[4])
+                for _ in range(10_000):  # write, activate, prune until killed (bounded should the kill never come)
+                    i += 1
+                    version = registry.write_version({**state, key: state[key] + i}, {"iteration": i, **BASE})
+                    registry.activate(version)
+                    registry.prune()
+            finally:
+                os._exit(3)
+        print(pid, flush=True)
+    elif command[0] == "wait":  # wait PID [nohang]: its wait status, or "alive"
+        flags = os.WNOHANG if len(command) > 2 else 0
+        done, status = os.waitpid(int(command[1]), flags)
+        print(status if done else "alive", flush=True)
+"""
+
+
+class Zygote:
+    """A warm process that forks registry writers (write_version + activate + prune in a loop)."""
+
+    def __init__(self, state_path: Path) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(REPO), str(state_path)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._read(60) == "ready"
+
+    def _read(self, timeout: float) -> str:
+        result: list[str] = []
+        reader = threading.Thread(target=lambda: result.append(self.process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not result:
+            raise TimeoutError("zygote did not answer")
+        return result[0].strip()
+
+    def _ask(self, line: str, timeout: float = 30) -> str:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        return self._read(timeout)
+
+    def spawn(self, model_dir: Path, project: str, crash_at: str | None = None, first: int = 0) -> int:
+        return int(self._ask(f"spawn {model_dir} {project} {crash_at or '-'} {first}"))
+
+    def wait(self, pid: int, timeout: float = 20) -> int:
+        """The writer's wait status; kills it (and fails) if it is still running after timeout."""
+        deadline = time.monotonic() + timeout
+        while (answer := self._ask(f"wait {pid} nohang")) == "alive":
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                self._ask(f"wait {pid}")
+                raise TimeoutError(f"writer {pid} did not die within {timeout}s")
+            time.sleep(0.01)
+        return int(answer)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(10)
+
+
+def registry_kill_loop(zygote: Zygote, model_dir: Path, kills: int = 15, budget_s: float = 40,
+                       check_served: Callable[[], list[str]] | None = None) -> dict:
+    """kill -9 looping writers at spread-out, increasing delays; check the registry after each kill."""
+    survived, problems, leftovers, started = 0, [], 0, time.monotonic()
+    done = 0
+    for k in range(kills):
+        if time.monotonic() - started > budget_s:
+            break
+        first = len(Registry(model_dir, PROJECT).versions()) * 1000 + k  # distinct weights per write
+        pid = zygote.spawn(model_dir, PROJECT, None, first)
+        time.sleep(0.02 + 0.6 * k / max(1, kills - 1))  # 20 ms .. 620 ms: ~0-8 write/activate/prune cycles
+        os.kill(pid, signal.SIGKILL)
+        found = problems_after_kill(zygote, pid, model_dir, check_served)
+        leftovers += len(list((model_dir / "projects" / PROJECT / "versions").glob(".staging-*")))
+        survived += not found
+        problems += found
+        done += 1
+    return {"kills": done, "survived": survived, "problems": problems[:10], "staging_leftovers_seen": leftovers}
+
+
+def problems_after_kill(zygote: Zygote, pid: int, model_dir: Path, check_served: Callable[[], list[str]] | None,
+                        where: str = "") -> list[str]:
+    """Wait for a killed writer; what is wrong with the registry (and the served version) afterwards."""
+    status = zygote.wait(pid)
+    found = registry_problems(model_dir)
+    if stat_signal(status) != "SIGKILL":
+        found.append(f"writer ended with status {status}, not SIGKILL{where}")
+    if check_served is not None:
+        found += check_served()
+    return found
+
+
+def registry_step_kills(zygote: Zygote, model_dir: Path,
+                        check_served: Callable[[], list[str]] | None = None) -> dict:
+    """SIGKILL at each named step of write_version / activate / prune (REGISTRY_CRASH_AT)."""
+    results = {}
+    for n, step in enumerate(REGISTRY_STEPS):
+        registry = Registry(model_dir, PROJECT)
+        before = ([i.version for i in registry.versions()], registry.active())
+        pid = zygote.spawn(model_dir, PROJECT, step, 100_000 + 1000 * n)
+        found = problems_after_kill(zygote, pid, model_dir, check_served, f" at {step}")
+        results[step] = {"before": before, "after": ([i.version for i in registry.versions()], registry.active()),
+                         "staging_left": len(list(registry.versions_dir.glob(".staging-*"))), "problems": found}
+    return results
+
+
+# -- training jobs under the dispatcher ------------------------------------------------------------------------
+JOB_CHILD = r"""
+import os, resource, signal, sys
+from pathlib import Path
+repo, model_dir, coco, fsize, job_id = sys.argv[1:6]
+sys.path.insert(0, repo)
+if fsize != "-":  # "disk full": writes past fsize bytes fail with EFBIG
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(fsize), resource.RLIM_INFINITY))
+from trainer.data import load_coco
+from trainer.finetune import FineTuneConfig
+from trainer.jobs import JobStore
+from trainer.models import load_model
+from trainer.runtime import Segmenter
+from trainer.jobs import run_job
+
+# margin -1: always promoted; JOB_EPOCHS: a long run for the kills timed by a delay, so the job cannot finish first
+epochs = int(os.environ.get("JOB_EPOCHS", "1"))
+config = FineTuneConfig(epochs=epochs, patience=epochs, max_objects_per_image=1, margin=-1.0)
+run_job(JobStore(Path(model_dir) / "jobs.sqlite"), int(job_id), Segmenter(load_model("lite_medsam")),
+        lambda project: load_coco(coco), Path(model_dir), config, keep_last=5)
+"""
+
+
+def job_command(model_dir: Path, coco: Path, fsize: int | None = None) -> list[str]:
+    script = model_dir / "job_child.py"
+    script.write_text(JOB_CHILD)
+    return [sys.executable, str(script), str(REPO), str(model_dir), str(coco), str(fsize or "-")]
+
+
+def _files(model_dir: Path) -> set[Path]:
+    """Staging dirs and embedding files: a new one means a checkpoint / embedding write has begun."""
+    return set((model_dir / "projects" / PROJECT / "versions").glob(".staging-*")) | \
+        {p for p in (model_dir / "embeddings").rglob("*") if p.is_file()}
+
+
+def _new_staging(model_dir: Path, before: set[Path]) -> bool:
+    return any(p.name.startswith(".staging-") for p in _files(model_dir) - before)
+
+
+def _new_embedding(model_dir: Path, before: set[Path]) -> bool:
+    return any("embeddings" in p.parts for p in _files(model_dir) - before)
+
+
+# name -> (seconds after the child starts | predicate(model_dir, files before) firing the kill | REGISTRY_CRASH_AT)
+JOB_KILLS: dict[str, dict] = {
+    "starting (0.5 s)": {"delay": 0.5},
+    "loading the model (3 s)": {"delay": 3.0},
+    "computing embeddings": {"when": _new_embedding, "cold": True},
+    "training (8 s)": {"delay": 8.0},
+    "writing the checkpoint": {"when": _new_staging},
+    "replacing the active pointer": {"crash_at": "before-pointer-replace"},
+    "after promotion, before the job is recorded": {"crash_at": "activated"},
+}
+
+
+def run_killed_job(model_dir: Path, coco: Path, kill: dict, timeout: float = 120) -> dict:
+    """Queue a job, run it under a Dispatcher, kill -9 its training process as `kill` says; report invariants."""
+    from trainer.jobs import Dispatcher
+
+    store = JobStore(model_dir / "jobs.sqlite")
+    registry = Registry(model_dir, PROJECT)
+    active_before, versions_before = registry.active(), {i.version for i in registry.versions()}
+    files_before = _files(model_dir)
+    job_id = store.record_event(PROJECT, "START_TRAINING", 0, QUIET)[1]
+    events_before = store.count_events()
+    env = {**os.environ, "LOG_LEVEL": "WARNING"}
+    if "crash_at" in kill:
+        env["REGISTRY_CRASH_AT"] = kill["crash_at"]
+    if "delay" in kill:
+        env["JOB_EPOCHS"] = "200"
+    dispatcher = Dispatcher(store, model_dir, job_command(model_dir, coco), env=env)
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("job", dispatcher.run_once()), daemon=True)
+    began = time.monotonic()
+    runner.start()
+    child, spawn_deadline = None, time.monotonic() + 120
+    while child is None and runner.is_alive() and time.monotonic() < spawn_deadline:  # claim_due records our pid;
+        # set_pid then the child's
+        job = store.job(job_id)
+        child = job.pid if job.pid not in (None, os.getpid()) else None
+        time.sleep(0.01)
+    fired = None
+    if child is not None and "crash_at" not in kill:
+        deadline = time.monotonic() + timeout
+        if "delay" in kill:
+            time.sleep(kill["delay"])
+        else:
+            while runner.is_alive() and not kill["when"](model_dir, files_before) and time.monotonic() < deadline:
+                time.sleep(0.002)
+        if runner.is_alive():
+            store.record_event(PROJECT, "ANNOTATION_CREATED", 1, QUIET)  # recorded while the job runs
+            events_before += 1
+            fired = round(time.monotonic() - began, 2)
+            os.kill(child, signal.SIGKILL)
+    runner.join(timeout)
+    job = outcome.get("job") or store.job(job_id)
+    problems = registry_problems(model_dir) + database_problems(model_dir / "jobs.sqlite")
+    active_after = registry.active()
+    if job.state != "failed" or "SIGKILL" not in (job.error or ""):
+        problems.append(f"job ended {job.state}: {job.error}")
+    if store.status(PROJECT)["running"] is not None:
+        problems.append("a job is still marked running")
+    if active_after != active_before and active_after not in {i.version for i in registry.versions()}:
+        problems.append(f"active version changed to {active_after}, which is not listed")
+    events_after = store.count_events()
+    added = sorted({i.version for i in registry.versions()} - versions_before)
+    return {"job": job.id, "state": job.state, "error": job.error, "killed_at_s": fired,
+            "seconds": round(time.monotonic() - began, 1), "active_before": active_before,
+            "active_after": active_after, "versions_added": added, "events_lost": events_before - events_after,
+            "problems": problems}
+
+
+def run_good_job(model_dir: Path, coco: Path) -> dict:
+    from trainer.jobs import Dispatcher
+
+    store = JobStore(model_dir / "jobs.sqlite")
+    store.record_event(PROJECT, "START_TRAINING", 0, QUIET)
+    env = {**os.environ, "LOG_LEVEL": "WARNING"}
+    job = Dispatcher(store, model_dir, job_command(model_dir, coco), env=env).run_once()
+    return {"state": job.state, "error": job.error, "result": job.result}
+
+
+DISPATCHER = r"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from trainer.jobs import JobStore
+from trainer.jobs import Dispatcher
+model_dir = Path(sys.argv[2])
+Dispatcher(JobStore(model_dir / "jobs.sqlite"), model_dir, json.loads(sys.argv[3])).run_once()
+"""
+
+
+def run_dispatcher_killed(model_dir: Path, coco: Path, after_s: float = 2.0, timeout: float = 60) -> dict:
+    """kill -9 the dispatcher process, then its training child: the next dispatcher recovers the job as failed."""
+    from trainer.jobs import Dispatcher
+
+    store = JobStore(model_dir / "jobs.sqlite")
+    active_before = Registry(model_dir, PROJECT).active()
+    job_id = store.record_event(PROJECT, "START_TRAINING", 0, QUIET)[1]
+    events_before = store.count_events()
+    command = job_command(model_dir, coco)
+    parent = subprocess.Popen([sys.executable, "-c", DISPATCHER, str(REPO), str(model_dir), json.dumps(command)],
+                              env={**os.environ, "LOG_LEVEL": "WARNING"})
+    problems = []
+    deadline = time.monotonic() + timeout
+    child = None
+    while child is None and time.monotonic() < deadline and parent.poll() is None:
+        job = store.job(job_id)
+        child = job.pid if job.state == "running" and job.pid not in (None, parent.pid) else None
+        time.sleep(0.01)
+    if child is None:
+        parent.kill()
+        parent.wait()
+        return {"problems": ["the dispatcher never started the training child"], "events_lost": 0}
+    time.sleep(after_s)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    # the orphaned child still holds the training lock: no other dispatcher may start (or recover) meanwhile
+    if Dispatcher(store, model_dir, command).run_once() is not None:
+        problems.append("a second dispatcher ran while the orphaned training child held the lock")
+    if store.job(job_id).state != "running":
+        problems.append(f"job is {store.job(job_id).state} while its training process still runs")
+    if _dead(child):
+        problems.append("the training child died with its dispatcher")
+    os.kill(child, signal.SIGKILL)
+    _wait_dead(child)
+    deadline = time.monotonic() + 10
+    while store.job(job_id).state == "running" and time.monotonic() < deadline:  # the next dispatcher poll(s)
+        assert Dispatcher(store, model_dir, command).run_once() is None  # recovers, then finds nothing due
+        time.sleep(0.2)
+    job = store.job(job_id)
+    if job.state != "failed" or "interrupted" not in (job.error or ""):
+        problems.append(f"job ended {job.state}: {job.error}")
+    problems += registry_problems(model_dir) + database_problems(model_dir / "jobs.sqlite")
+    registry = Registry(model_dir, PROJECT)
+    active_after = registry.active()
+    if active_after != active_before and active_after not in {i.version for i in registry.versions()}:
+        problems.append("active version changed to an unlisted one")
+    return {"job": job_id, "state": job.state, "error": job.error, "active_before": active_before,
+            "active_after": active_after, "events_lost": events_before - store.count_events(), "problems": problems}
+
+
+# -- disk full ----------------------------------------------------------------------------------------------------
+DISK_FULL = r"""
+import json, resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+from safetensors.torch import load_file
+from trainer.jobs import JobStore, TriggerPolicy
+from trainer.models import default_checkpoint, file_sha256
+from trainer.registry import Registry
+BASE = {"base_model": {"identity": "lite_medsam-" + file_sha256(default_checkpoint("lite_medsam"))[:12]}}
+model_dir, state_path, limit = sys.argv[2], sys.argv[3], int(sys.argv[4])
+state = load_file(state_path)
+registry = Registry(model_dir, "faults")
+store = JobStore(model_dir + "/jobs.sqlite")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+out = {}
+try:
+    out["write"] = registry.write_version(state, {"disk": "full", **BASE})
+except Exception as exc:
+    out["write_error"] = f"{type(exc).__name__}: {exc}"
+try:
+    out["event"] = store.record_event("faults", "ANNOTATION_CREATED", 1, TriggerPolicy(10**9, 0))[0]
+except Exception as exc:
+    out["event_error"] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(out))
+"""
+
+
+def run_disk_full(model_dir: Path, state_path: Path, limit: int) -> dict:
+    done = subprocess.run([sys.executable, "-c", DISK_FULL, str(REPO), str(model_dir), str(state_path), str(limit)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ================================================ tests =========================================================
