@@ -5,7 +5,6 @@ boxes and bool masks (`trainer.data.Sample`) here, and the trainer sees nothing 
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -22,6 +21,7 @@ from trainer.types import Box
 
 from . import protocol
 from .fetch import ImageError, ImageFetcher, ImageSource
+from .label_studio import export_project
 from .protocol import region_label
 
 log = logging.getLogger(__name__)
@@ -257,18 +257,13 @@ def load_label_studio_project(project_id: int, source: ImageSource, image_loader
 
     source: Label Studio's URL and token (legacy token or personal access token), and the image-fetching rules.
     """
-    from label_studio_sdk import LabelStudio
-
     base_url = source.label_studio_url or ""
-    client = LabelStudio(base_url=base_url, api_key=source.token)
     try:
-        project = client.projects.get(id=project_id)
-        chunks = client.projects.exports.download_sync(id=project_id, export_type="JSON")
-        tasks = json.loads(b"".join(chunks))
+        label_config, tasks = export_project(base_url, source.token, project_id)
     except Exception as exc:  # the SDK raises its own ApiError, httpx errors, JSON errors
         raise DataError(f"cannot export Label Studio project {project_id} from {base_url}: {exc}") from exc
     return load_label_studio_export(tasks, image_loader or task_image_loader(source),
-                                    image_data_key(project.label_config or ""), val_fraction,
+                                    image_data_key(label_config), val_fraction,
                                     source=f"label-studio-project:{base_url.rstrip('/')}/projects/{project_id}")
 
 

@@ -126,6 +126,18 @@ def saved_connection(settings: Settings, project: str | None) -> dict:
         return {}
 
 
+# -- label-studio-sdk where it covers the call ---------------------------------------------------------------
+def export_project(url: str, token: str | None, project_id: int) -> tuple[str, list[dict]]:
+    """A project's label config and its JSON export (annotated tasks), through label-studio-sdk (which takes
+    either token kind). Raises the SDK's errors."""
+    from label_studio_sdk import LabelStudio
+
+    client = LabelStudio(base_url=url, api_key=token)
+    project = client.projects.get(id=project_id)
+    chunks = client.projects.exports.download_sync(id=project_id, export_type="JSON")
+    return project.label_config or "", json.loads(b"".join(chunks))
+
+
 # -- the REST client (connect) ----------------------------------------------------------------------------
 class ConnectError(Exception):
     """A failure with a message meant for the user."""

@@ -150,6 +150,11 @@ def _boxes_in(regions: list[dict], config: LabelConfig, width: int, height: int)
 def task_boxes(task: dict, config: LabelConfig, width: int, height: int) -> list[Box]:
     """Boxes of the task's latest annotation that has any, else of its latest prediction that has any."""
     for source in ("annotations", "predictions"):
+        listed = task.get(source)
+        if listed is not None and not isinstance(listed, list):
+            raise ProtocolError(f"task {str(task.get('id'))[:40]}: {source} must be a list, "
+                                f"got {type(listed).__name__}")
+    for source in ("annotations", "predictions"):
         entries = [e for e in (task.get(source) or []) if isinstance(e, dict) and not e.get("was_cancelled")]
         entries.sort(key=lambda e: (str(e.get("updated_at") or e.get("created_at") or ""), e.get("id") or 0))
         for entry in reversed(entries):

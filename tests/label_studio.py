@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import requests
-from label_studio_sdk.converter.brush import decode_rle
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BIN = REPO_ROOT / ".ls-venv" / "bin" / "label-studio"
@@ -85,6 +85,15 @@ def rect_result(
             "rectanglelabels": [label],
         },
     }
+
+
+def brush_result(mask: np.ndarray, label: str, region_id: str, from_name: str = "mask",
+                 to_name: str = "image") -> dict[str, Any]:
+    """A ``brushlabels`` region (RLE of the 0/255 mask, as Label Studio stores it) for an H x W bool mask."""
+    height, width = mask.shape
+    return {"id": region_id, "from_name": from_name, "to_name": to_name, "type": "brushlabels",
+            "original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label]}}
 
 
 def brush_mask(region: dict[str, Any]) -> np.ndarray:

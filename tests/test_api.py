@@ -127,6 +127,14 @@ def test_bad_requests_get_clear_400(client, body, message):
     assert response.status_code == 400 and message in response.get_json()["error"]
 
 
+def test_loadable_image_with_hostile_task_fields_gets_400_not_500(client):
+    """The image loads, so the request reaches task parsing (a fuzz find: `annotations: true` was a 500)."""
+    for hostile in ({"annotations": True}, {"predictions": 7}, {"annotations": [{"result": "x"}]}):
+        response = predict(client, [{**task(6, 2), **hostile}])
+        assert response.status_code == 400, response.get_json()
+        assert "must be a list" in response.get_json()["error"]
+
+
 def test_not_json_and_unknown_route(client):
     response = client.post("/predict", data="nope", content_type="text/plain")
     assert response.status_code == 400 and "JSON object" in response.get_json()["error"]

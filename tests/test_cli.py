@@ -8,7 +8,6 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.dataset import make_coco
@@ -123,12 +122,12 @@ def test_rollback_without_history_fails_cleanly(tmp_path: Path) -> None:
 def test_export_images_follow_the_backend_url_rules(tmp_path: Path) -> None:
     """`--data export.json` fetches http(s) images only from allow-listed hosts, as the backend does: a
     listener on 127.0.0.2 is never hit unless ALLOWED_IMAGE_HOSTS (and ALLOW_PRIVATE_IMAGE_HOSTS) let it."""
-    from label_studio_sdk.converter.brush import mask2rle
     from werkzeug.serving import make_server
     from werkzeug.wrappers import Request, Response
 
-    from tests import dataset
     from ml_backend.annotations import load_label_studio_export
+    from tests import dataset
+    from tests.label_studio import brush_result
 
     hits = []
 
@@ -141,10 +140,7 @@ def test_export_images_follow_the_backend_url_rules(tmp_path: Path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         masks = [dataset.gt_mask(a) for a in dataset.annotations(4)]
-        regions = [{"id": f"r{i}", "from_name": "mask", "to_name": "image", "type": "brushlabels",
-                    "original_width": m.shape[1], "original_height": m.shape[0],
-                    "value": {"format": "rle", "rle": mask2rle(m.astype(np.uint8) * 255), "brushlabels": ["nucleus"]}}
-                   for i, m in enumerate(masks)]
+        regions = [brush_result(m, "nucleus", f"r{i}") for i, m in enumerate(masks)]
         url = f"http://127.0.0.2:{server.server_port}/pics/4.png"
         tasks = [{"id": 7, "data": {"image": url}, "annotations": [{"id": 1, "result": regions}]}]
         (export := tmp_path / "export.json").write_text(json.dumps(tasks))

@@ -84,7 +84,7 @@ def _percent_rect(box: tuple[float, float, float, float], width: int, height: in
 
 def make_ls_export(dataset: Dataset, image_id: int = 45) -> tuple[list[dict], list[np.ndarray]]:
     """Tasks as Label Studio exports them: brush + rectangle pairs, a polygon, cancelled/empty/box-only ones."""
-    from label_studio_sdk.converter.brush import mask2rle
+    from tests.label_studio import brush_result
 
     (image,) = by_id(dataset, image_id)
     height, width = image.samples[0].image_size
@@ -92,9 +92,7 @@ def make_ls_export(dataset: Dataset, image_id: int = 45) -> tuple[list[dict], li
     common = {"original_width": width, "original_height": height, "image_rotation": 0, "to_name": "image"}
 
     def brush(region_id: str, mask: np.ndarray) -> dict:
-        rle = mask2rle(mask.astype(np.uint8) * 255)
-        return {**common, "id": region_id, "from_name": "mask", "type": "brushlabels",
-                "value": {"format": "rle", "rle": rle, "brushlabels": ["nucleus"]}}
+        return brush_result(mask, "nucleus", region_id)
 
     def rect(region_id: str, box: tuple[float, float, float, float]) -> dict:
         return {**common, "id": region_id, "from_name": "box", "type": "rectanglelabels",

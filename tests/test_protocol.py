@@ -67,6 +67,14 @@ def test_task_boxes_prefer_latest_annotation_then_prediction():
     assert protocol.task_boxes({"data": {}}, config, 100, 100) == []
 
 
+@pytest.mark.parametrize("field", ["annotations", "predictions"])
+@pytest.mark.parametrize("value", [True, 3, "x", {"result": []}])
+def test_task_entries_that_are_not_lists_are_refused(field, value):
+    config = protocol.parse_label_config(CONFIG)
+    with pytest.raises(ProtocolError, match=f"{field} must be a list"):
+        protocol.task_boxes({"id": 5, field: value}, config, 100, 100)
+
+
 def test_context_prompts_missing_is_positive_means_positive():
     config = protocol.parse_label_config(CONFIG)
     click = {"type": "keypointlabels", "from_name": "click", "to_name": "image",
