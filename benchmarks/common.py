@@ -4,10 +4,20 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Callable
 
 import torch
+
+
+def git_commit() -> str:
+    """The commit measured, with "+dirty" when the work tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=30).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine() -> dict:
@@ -19,7 +29,8 @@ def machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "date": time.strftime("%Y-%m-%d"), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+            "date": time.strftime("%Y-%m-%d"), "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "git_commit": git_commit()}
 
 
 def timed(fn: Callable[[], object], repeat: int, warmup: int = 1) -> dict:
