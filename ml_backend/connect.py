@@ -40,7 +40,7 @@ def connect_project(ls: LabelStudioClient, project_id: int, backend_url: str, ti
                     interactive: bool) -> tuple[str, int]:
     """Connect one project; returns ("connected" | "already connected", ML backend id)."""
     try:
-        project = ls.call("GET", f"/api/projects/{project_id}")
+        project = ls.project(project_id)
     except HTTPFailure as exc:
         if exc.status == 404:
             raise ConnectError(f"project {project_id} does not exist on {ls.url} "
@@ -51,13 +51,12 @@ def connect_project(ls: LabelStudioClient, project_id: int, backend_url: str, ti
         raise ConnectError(f"project {project_id} ({project.get('title')!r}): its labeling config cannot be "
                            f"served by the SAM backend: {problem}. It needs an Image, RectangleLabels (and/or "
                            "KeyPointLabels) prompts and a BrushLabels or PolygonLabels output on that image.")
-    existing = ls.call("GET", "/api/ml", params={"project": project_id}) or []
+    existing = ls.ml_backends(project_id)
     for ml in existing:
         if _same_url(ml.get("url", ""), backend_url):
             return "already connected", int(ml["id"])
-    body = {"url": backend_url, "project": project_id, "title": title, "is_interactive": interactive}
     try:
-        created = ls.call("POST", "/api/ml", json=body)
+        created = ls.create_ml_backend(project_id, backend_url, title, interactive)
     except HTTPFailure as exc:
         hints = []
         text = str(exc).lower()
@@ -72,24 +71,6 @@ def connect_project(ls: LabelStudioClient, project_id: int, backend_url: str, ti
         raise ConnectError(f"Label Studio refused to connect project {project_id} to {backend_url}: {exc}"
                            + "".join(f"\n  hint: {h}" for h in hints)) from None
     return "connected", int(created["id"])
-
-
-def _all_projects(ls: LabelStudioClient) -> list[dict]:
-    projects: list[dict] = []
-    page = 1
-    while True:
-        try:
-            body = ls.call("GET", "/api/projects", params={"page": page, "page_size": 100})
-        except HTTPFailure as exc:
-            if exc.status == 404 and page > 1:  # past the last page
-                break
-            raise
-        batch = body.get("results", []) if isinstance(body, dict) else body
-        projects.extend(batch)
-        if not isinstance(body, dict) or not body.get("next") or not batch:
-            break
-        page += 1
-    return projects
 
 
 def add_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
@@ -129,12 +110,12 @@ def run(args: argparse.Namespace) -> int:
         if args.wait > 0:
             ls.wait_healthy(args.wait)
         try:
-            ls.call("GET", "/api/current-user/whoami")
+            ls.whoami()
         except HTTPFailure as exc:
             raise ConnectError(f"{exc} (is {ls.url} Label Studio's URL?)") from None
         targets = list(dict.fromkeys(args.project))
         if args.all:
-            for project in _all_projects(ls):
+            for project in ls.projects():
                 problem = _check_config(project)
                 if problem and project["id"] not in targets:
                     print(f"skipped project {project['id']} ({project.get('title')!r}): {problem}")

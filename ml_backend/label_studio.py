@@ -8,7 +8,6 @@ import json
 import re
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -151,71 +150,79 @@ class HTTPFailure(ConnectError):
         self.status = status
 
 
-def _error_text(resp: requests.Response) -> str:
-    """Label Studio's error message, without HTML."""
-    try:
-        body = resp.json()
-    except ValueError:
-        text = resp.text
+def _error_text(body: Any) -> str:
+    """Label Studio's error message (an API error's body), without HTML."""
+    if isinstance(body, dict):
+        detail = body.get("validation_errors") or body.get("detail") or body
+        text = json.dumps(detail) if not isinstance(detail, str) else detail
     else:
-        if isinstance(body, dict):
-            detail = body.get("validation_errors") or body.get("detail") or body
-            text = json.dumps(detail) if not isinstance(detail, str) else detail
-        else:
-            text = json.dumps(body)
+        text = body if isinstance(body, str) else json.dumps(body, default=str)
     text = re.sub(r"<[^>]+>", "", text)
     text = text.replace("\\n", " ").replace("\\\"", "\"")
     return " ".join(text.split())[:1500]
 
 
-@dataclass
 class LabelStudioClient:
-    """Label Studio's REST API with LABEL_STUDIO_API_KEY (any token kind); errors are ConnectError with a hint."""
+    """The calls `connect` makes, through label-studio-sdk (which takes either token kind and exchanges a
+    personal access token itself); every failure is a ConnectError whose message says what to fix."""
 
-    url: str
-    token: str
-    timeout_s: float = 30.0
+    def __init__(self, url: str, token: str, timeout_s: float = 30.0) -> None:
+        from label_studio_sdk import LabelStudio
 
-    def __post_init__(self) -> None:
-        self.url = self.url.rstrip("/")
-        self.session = requests.Session()
-        self._token = ApiToken(self.token)
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self.sdk = LabelStudio(base_url=self.url, api_key=token, timeout=timeout_s)
 
-    def _headers(self) -> dict[str, str]:
+    def _call(self, path: str, fn: Callable[[], Any]) -> Any:
+        """Run one SDK call; `path` names the API route in messages. Models come back as dicts."""
+        import httpx
+        from label_studio_sdk.core.api_error import ApiError
+
         try:
-            return self._token.headers(lambda path, body: self._send("POST", path, auth=False, json=body))
-        except TokenError as exc:
-            raise ConnectError(f"Label Studio refused the personal access token: {exc}") from None
-
-    def _send(self, method: str, path: str, auth: bool = True, **kw: Any) -> requests.Response:
-        headers = self._headers() if auth else {}
-        try:
-            return self.session.request(method, self.url + path, headers=headers, timeout=self.timeout_s, **kw)
-        except requests.RequestException as exc:
+            result = fn()
+        except ApiError as exc:
+            if exc.status_code == 401:
+                hint = ("legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on Label Studio"
+                        if jwt_claims(self.token) is None
+                        else "the personal access token may have expired or been revoked")
+                raise ConnectError(f"Label Studio rejected LABEL_STUDIO_API_KEY (HTTP 401 on {path}): {hint}") from None
+            if exc.status_code and exc.status_code < 400:  # answered, but not with the API's JSON
+                raise ConnectError(f"{self.url}{path} did not answer as Label Studio's API (HTTP {exc.status_code}): "
+                                   f"is {self.url} Label Studio's URL?") from None
+            raise HTTPFailure(exc.status_code or 0, path, _error_text(exc.body)) from None
+        except httpx.HTTPError as exc:
             raise ConnectError(f"cannot reach Label Studio at {self.url}: {exc}") from None
+        except ValueError as exc:  # JSON or model parsing of something that is not Label Studio's API
+            raise ConnectError(f"{self.url}{path} did not answer as Label Studio's API ({type(exc).__name__}): "
+                               f"is {self.url} Label Studio's URL?") from None
+        if isinstance(result, list):
+            return [item.model_dump() if hasattr(item, "model_dump") else item for item in result]
+        return result.model_dump() if hasattr(result, "model_dump") else result
 
-    def call(self, method: str, path: str, **kw: Any) -> Any:
-        resp = self._send(method, path, **kw)
-        if resp.status_code == 401:
-            hint = ("legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on Label Studio"
-                    if self._token.claims is None else "the personal access token may have expired or been revoked")
-            raise ConnectError(f"Label Studio rejected LABEL_STUDIO_API_KEY (HTTP 401 on {path}): {hint}")
-        if resp.status_code >= 400:
-            raise HTTPFailure(resp.status_code, path, _error_text(resp))
-        if not resp.content:
-            return None
-        try:
-            return resp.json()
-        except ValueError:
-            raise ConnectError(f"{self.url}{path} did not answer JSON (HTTP {resp.status_code}): is "
-                               f"{self.url} Label Studio's URL?") from None
+    def whoami(self) -> dict:
+        return self._call("/api/current-user/whoami", self.sdk.users.whoami)
+
+    def project(self, project_id: int) -> dict:
+        return self._call(f"/api/projects/{project_id}", lambda: self.sdk.projects.get(id=project_id))
+
+    def projects(self) -> list[dict]:
+        return self._call("/api/projects", lambda: list(self.sdk.projects.list(page_size=100)))
+
+    def ml_backends(self, project_id: int) -> list[dict]:
+        return self._call("/api/ml", lambda: self.sdk.ml.list(project=project_id))
+
+    def create_ml_backend(self, project_id: int, url: str, title: str, interactive: bool) -> dict:
+        return self._call("/api/ml", lambda: self.sdk.ml.create(project=project_id, url=url, title=title,
+                                                                  is_interactive=interactive))
 
     def wait_healthy(self, seconds: float) -> None:
+        """Poll Label Studio's /health (not an API call: the SDK has none) for up to `seconds`."""
         deadline = time.monotonic() + seconds
         last = "no answer"
         while True:
             try:
-                resp = self.session.get(self.url + "/health", timeout=5)
+                resp = requests.get(self.url + "/health", timeout=5)
                 if resp.status_code == 200:
                     return
                 last = f"HTTP {resp.status_code}"
