@@ -40,7 +40,7 @@ from werkzeug.wrappers import Request, Response  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
 from tests import dataset, fuzzing  # noqa: E402
-from tests import faults  # noqa: E402
+from tests import faults, job_faults  # noqa: E402
 from tests.backend_server import start_backend  # noqa: E402
 from tests.dataset import make_coco  # noqa: E402
 from tests.label_studio import brush_mask, rect_result  # noqa: E402
@@ -406,21 +406,21 @@ def fault_figures(workdir: Path, registry_kills: int, budget_s: float) -> dict:
     coco = make_coco(workdir / "coco", faults.SUBSET)
     job_dir = workdir / "jobs"
     job_dir.mkdir()
-    baseline = faults.run_good_job(job_dir, coco)
+    baseline = job_faults.run_good_job(job_dir, coco)
     jobs = {}
-    for moment, kill in faults.JOB_KILLS.items():
+    for moment, kill in job_faults.JOB_KILLS.items():
         if time.monotonic() - began > budget_s:
             break
         model_dir = workdir / "cold" if kill.get("cold") else job_dir
         model_dir.mkdir(exist_ok=True)
         served = ActiveDecoders(model_dir, segmenter)
         served.get(faults.PROJECT)
-        result = faults.run_killed_job(model_dir, coco, kill)
+        result = job_faults.run_killed_job(model_dir, coco, kill)
         result["problems"] += faults.served_problems(served, model_dir)
         jobs[moment] = result
         log(f"job killed {moment}: {result['state']}, problems {result['problems']}")
     if time.monotonic() - began <= budget_s:
-        jobs["dispatcher and child"] = faults.run_dispatcher_killed(job_dir, coco)
+        jobs["dispatcher and child"] = job_faults.run_dispatcher_killed(job_dir, coco)
     out["jobs"] = {"baseline": baseline["state"], "kills": jobs}
     registry_kills_done = len(steps) + loop["kills"]
     registry_survived = sum(1 for r in steps.values() if not r["problems"]) + loop["survived"]

@@ -27,9 +27,10 @@ from tests.dataset import make_coco
 from trainer.jobs import JobStore
 from trainer.registry import Registry
 
-from tests.faults import (BASE, JOB_KILLS, PROJECT, QUIET, SUBSET, Zygote, database_problems, job_command, registry_kill_loop, registry_problems,
-                          registry_step_kills, run_disk_full, run_dispatcher_killed, run_good_job,
-                          run_killed_job, save_decoder_state, served_problems, stat_signal)
+from tests.faults import (BASE, PROJECT, QUIET, SUBSET, Zygote, database_problems, registry_kill_loop,
+                          registry_problems, registry_step_kills, run_disk_full, save_decoder_state, served_problems,
+                          stat_signal)
+from tests.job_faults import JOB_KILLS, job_command, run_dispatcher_killed, run_good_job, run_killed_job
 
 
 @pytest.fixture(scope="module")
