@@ -15,8 +15,7 @@ import requests
 from benchmarks.common import machine
 from tests import dataset
 from tests.backend_server import start_backend
-from tests.label_studio import SAM_LABEL_CONFIG, start_label_studio
-from tests.test_e2e_training import brush_result
+from tests.label_studio import SAM_LABEL_CONFIG, gt_brush_results, start_label_studio
 
 TRAIN_IMAGES = dataset.splits()["train"][:20]
 OUT = Path(__file__).parent / "results" / "training_loop.json"
@@ -30,7 +29,7 @@ def main() -> None:
             project = ls.create_project("training loop benchmark", SAM_LABEL_CONFIG)
             task_ids = ls.upload_images(project, [dataset.image_path(i) for i in TRAIN_IMAGES])
             for task_id, image_id in zip(task_ids, TRAIN_IMAGES):
-                ls.create_annotation(task_id, brush_result(image_id))
+                ls.create_annotation(task_id, gt_brush_results(image_id))
             ml_id = ls.connect_ml_backend(project, url)
             setup = lambda: requests.post(f"{url}/setup", json={"project": f"{project}.1"}, timeout=10).json()
             before = setup()["model_version"]

@@ -96,6 +96,13 @@ def brush_result(mask: np.ndarray, label: str, region_id: str, from_name: str = 
             "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label]}}
 
 
+def gt_brush_results(image_id: int, label: str = "nucleus") -> list[dict[str, Any]]:
+    """An annotation's result for a shared-dataset image: one brush region per ground-truth mask."""
+    from tests import dataset
+
+    return [brush_result(dataset.gt_mask(a), label, f"m{a['id']}") for a in dataset.annotations(image_id)]
+
+
 def brush_mask(region: dict[str, Any]) -> np.ndarray:
     """A brushlabels region's RLE as an H x W bool mask (the alpha channel of the decoded RGBA)."""
     height, width = region["original_height"], region["original_width"]

@@ -14,15 +14,11 @@ import requests
 
 from tests import dataset
 from tests.backend_server import start_backend
-from tests.label_studio import brush_mask, brush_result, rect_result
+from tests.label_studio import brush_mask, gt_brush_results, rect_result
 from tests.services import wait_for
 
 TRAIN_IMAGES = dataset.splits()["train"][:10]
 HELD_OUT = dataset.splits()["test"][:6]
-
-
-def brush_results(image_id: int) -> list[dict]:
-    return [brush_result(dataset.gt_mask(a), "nucleus", f"m{a['id']}") for a in dataset.annotations(image_id)]
 
 
 def box_result(image_id: int) -> list[dict]:
@@ -56,7 +52,7 @@ def test_webhooks_train_promote_and_serve_better_masks(label_studio, ls_project,
     train_ids = label_studio.upload_images(ls_project, [dataset.image_path(i) for i in TRAIN_IMAGES])
     held_ids = label_studio.upload_images(ls_project, [dataset.image_path(i) for i in HELD_OUT])
     for task_id, image_id in zip(train_ids, TRAIN_IMAGES):  # masks done before the backend was connected
-        label_studio.create_annotation(task_id, brush_results(image_id))
+        label_studio.create_annotation(task_id, gt_brush_results(image_id))
     ml_id = label_studio.connect_ml_backend(ls_project, url)
     status = lambda: requests.get(f"{url}/train/status", params={"project": ls_project}, timeout=5).json()
 
@@ -81,7 +77,7 @@ def test_webhooks_train_promote_and_serve_better_masks(label_studio, ls_project,
 
     # corrected masks arrive as ANNOTATION_CREATED webhooks; MIN_ANNOTATIONS of them start a job
     for task_id, image_id in zip(train_ids, TRAIN_IMAGES):
-        label_studio.create_annotation(task_id, brush_results(image_id))
+        label_studio.create_annotation(task_id, gt_brush_results(image_id))
     done = wait_for(lambda: (lambda s: s["last"] if s["last"] and s["last"]["id"] != failed["id"] else None)(status()),
                     600, "the annotation-triggered job", interval=2)
     assert done["state"] == "succeeded", done
