@@ -80,7 +80,7 @@ class SamBackend:
                 results.append({"model_version": version, "error": str(exc)})  # no "result": LS stores nothing
                 continue
             height, width = image.shape[:2]
-            if context and context.get("result"):
+            if query.interactive:
                 prompts = protocol.context_prompts(context, config, width, height)
             else:
                 prompts = Prompts(boxes=tuple(protocol.task_boxes(task, config, width, height)))
