@@ -12,7 +12,7 @@ from . import protocol
 from .auth import install_auth
 from .backend import SamBackend
 from .settings import Settings
-from .webhooks import parse_webhook
+from .webhooks import parse_new_tasks, parse_webhook
 from .training import Training
 
 log = logging.getLogger("ml_backend.http")
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     @app.get("/")
     def index():
         return jsonify(status="UP", model_class="SamBackend", model_version=backend.model_version(None),
-                       endpoints=["/health", "/setup", "/predict", "/webhook"])
+                       endpoints=["/health", "/setup", "/predict", "/webhook", "/prewarm", "/prelabel", "/train/status"])
 
     @app.post("/setup")
     def setup():
@@ -88,13 +88,20 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     @app.post("/predict")
     def predict():
         query = protocol.parse_predict_request(request.get_json(silent=True), settings.max_tasks)
-        results = backend.predict(query)
-        g.log = {"project": query.project, "tasks": len(query.tasks), "interactive": query.interactive}
-        return jsonify(results=results, model_version=backend.model_version(query.project))
+        answer = backend.predict(query)
+        g.log = {"project": query.project, "tasks": len(query.tasks), "interactive": query.interactive,
+                 "answered": answer.answered, "deferred": answer.deferred, "failed": answer.failed}
+        return jsonify(results=answer.results, model_version=backend.model_version(query.project))
 
     @app.post("/webhook")
     def webhook():
         body = _json_body()
+        new_tasks = parse_new_tasks(body)
+        if new_tasks is not None:
+            queued = backend.prewarm_tasks(new_tasks.project, new_tasks.tasks, new_tasks.config)
+            g.log = {"action": "TASKS_CREATED", "project": new_tasks.project, "tasks": len(new_tasks.tasks),
+                     "prewarm_queued": queued}
+            return jsonify(status="prewarming", queued=queued)
         event = parse_webhook(body)
         if event is None:
             g.log = {"action": body.get("action"), "ignored": True}
@@ -102,6 +109,28 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         event_id, job_id = training.record(event.project, event.action, event.annotations)
         g.log = {"action": event.action, "project": event.project, "event": event_id, "job": job_id}
         return jsonify(status="recorded", event=event_id, job=job_id)
+
+    @app.post("/prewarm")
+    def prewarm():
+        project = protocol.project_id(_json_body().get("project"))
+        if project is None:
+            raise protocol.ProtocolError('give {"project": <id>}')
+        started = backend.prewarm_project(project, every_s=0)
+        g.log = {"project": project, "started": started}
+        return jsonify(status="prewarming" if started else "off", project=project, **backend.prewarmer.status())
+
+    @app.post("/prelabel")
+    def prelabel():
+        project = protocol.project_id(_json_body().get("project"))
+        if project is None:
+            raise protocol.ProtocolError('give {"project": <id>}')
+        job_id, new = training.prelabel(project)
+        g.log = {"project": project, "job": job_id, "new": new}
+        return jsonify(status="queued", job=job_id, runner=settings.runner), 202
+
+    @app.get("/prewarm/status")
+    def prewarm_status():
+        return jsonify(backend.prewarmer.status())
 
     @app.get("/train/status")
     def train_status():

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Iterator
 
+import numpy as np
 import torch
 
 from trainer.active import ActiveDecoders
@@ -16,8 +22,9 @@ from trainer.types import Prompts
 
 from . import protocol
 from .fetch import ImageError, ImageFetcher, ImageSource, image_source
-from .label_studio import save_connection
+from .label_studio import ConnectError, LabelStudioClient, connection_path, save_connection
 from .netpolicy import parse_allowed_hosts
+from .prewarm import ImageJob, Prewarmer
 from .settings import Settings
 
 log = logging.getLogger("ml_backend")
@@ -35,18 +42,37 @@ def build_segmenter(settings: Settings, serving: bool = True) -> Segmenter:
     return Segmenter(model, settings.encoder_bf16, settings.decoder_bf16)
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """A /predict answer: one entry per task, and how many were deferred to a later call."""
+
+    results: list[dict]
+    deferred: int = 0
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.results if "error" in r)
+
+    @property
+    def answered(self) -> int:
+        return sum(1 for r in self.results if "result" in r)
+
+
 class SamBackend:
     """One per process: the model (loaded once, at start), the embedding cache and the served versions."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, segmenter: Segmenter | None = None) -> None:
         self.settings = settings
         try:
             self._allowed_hosts = parse_allowed_hosts(settings.allowed_image_hosts)
         except ValueError as exc:
             raise SystemExit(f"ALLOWED_IMAGE_HOSTS: {exc}") from None
-        self.segmenter = build_segmenter(settings)
-        disk = DiskEmbeddings(settings.model_dir / "embeddings") if settings.disk_cache else None
+        self.segmenter = segmenter or build_segmenter(settings)
+        disk = (DiskEmbeddings(settings.model_dir / "embeddings", settings.disk_cache_mb) if settings.disk_cache
+                else None)
         self.cache = EmbeddingCache(settings.cache_mb, disk)
+        self.prewarmer = Prewarmer(self.segmenter, self.cache, settings.prewarm_queue)
+        self._new_image_s = 0.0  # moving average of a new image's encode + decodes
         self.decoders = ActiveDecoders(settings.model_dir, self.segmenter)
         self._loaders: dict[ImageSource, ImageFetcher] = {}
         self._loaders_lock = threading.Lock()
@@ -57,51 +83,161 @@ class SamBackend:
         return self.segmenter.model_version(self.decoders.get(project).version)
 
     def setup(self, project: str | None, hostname: str | None, access_token: str | None) -> str:
-        """Remember how to reach this project's Label Studio (for image URLs); answer the served version."""
+        """Remember how to reach this project's Label Studio (for image URLs), start pre-warming its images
+        (Label Studio calls /setup when a project is connected); answer the served version."""
         if project and (hostname or access_token):
             save_connection(self.settings, project, hostname, access_token)
+        if project:
+            self.prewarm_project(project)
         return self.model_version(project)
 
     # -- predictions --------------------------------------------------------------------------------
-    def predict(self, query: protocol.PredictRequest) -> list[dict]:
-        """One prediction entry per task, in task order. A task whose image fails gets an error entry."""
-        tasks, config, project, context = query.tasks, query.config, query.project, query.context
-        served = self.decoders.get(project)
+    def predict(self, query: protocol.PredictRequest, deadline_s: float | None = None) -> Predictions:
+        """One entry per task, in task order, within `deadline_s` (default PREDICT_DEADLINE_S; math.inf: no
+        limit, as interactive calls have): tasks without boxes at once, then tasks in order while time allows (a task
+        whose embedding is cached always, a new image only if the time an encode takes is left); the rest are
+        deferred (no "result") and pre-warmed."""
+        tasks, config = query.tasks, query.config
+        served = self.decoders.get(query.project)
         version = self.segmenter.model_version(served.version)
-        loader = self._loader(project)
-        images = [self._fetch_pool.submit(self._task_image, loader, task, config) for task in tasks]
-        results = []
-        for task, image_future in zip(tasks, images):
-            started = time.perf_counter()
-            try:
-                image = image_future.result()
-            except (ImageError, protocol.ProtocolError) as exc:
-                log.warning("task image failed", extra={"task": task.get("id"), "error": str(exc)})
-                results.append({"model_version": version, "error": str(exc)})  # no "result": LS stores nothing
-                continue
-            height, width = image.shape[:2]
-            if query.interactive:
-                prompts = protocol.context_prompts(context, config, width, height)
+        loader = self._loader(query.project)
+        budget = self.settings.predict_deadline_s if deadline_s is None else deadline_s
+        budget = math.inf if query.interactive else budget
+        deadline = time.monotonic() + budget
+        results: list[dict | None] = [None] * len(tasks)
+        need_image = []
+        for index, task in enumerate(tasks):
+            if query.interactive or protocol.task_has_boxes(task, config):
+                need_image.append(index)
             else:
-                prompts = Prompts(boxes=tuple(protocol.task_boxes(task, config, width, height)))
-            if len(prompts.boxes) > self.settings.max_boxes:
-                raise protocol.ProtocolError(f"task {task.get('id')} has {len(prompts.boxes)} boxes; "
-                                             f"at most {self.settings.max_boxes} (MAX_BOXES_PER_TASK)")
-            cached = False
-            masks = []
-            if prompts.boxes or prompts.points:
-                embedding, cached = self.cache.get_or_compute(
-                    image_key(self.segmenter.encoder_identity, image), lambda: self.segmenter.embed(image))
-                masks = self.segmenter.decode(embedding, prompts, served.module)
-            results.append(protocol.prediction(masks, config, version))
-            log.info("task predicted", extra={"task": task.get("id"), "boxes": len(prompts.boxes),
-                                              "points": len(prompts.points), "embedding_cached": cached,
-                                              "ms": round(1000 * (time.perf_counter() - started), 1)})
-        return results
+                results[index] = protocol.prediction([], config, version)
+        with self.prewarmer.live():
+            for index, image in self._images(loader, tasks, need_image, config, deadline):
+                task = tasks[index]
+                if isinstance(image, Exception):
+                    log.warning("task image failed", extra={"task": task.get("id"), "error": str(image)})
+                    results[index] = protocol.failed(version, str(image))
+                    continue
+                key = image_key(self.segmenter.encoder_identity, image)
+                if not self.cache.contains(key) and time.monotonic() + self._new_image_s > deadline:
+                    continue  # deferred; a later task may still be cached
+                results[index] = self._predict_task(task, image, key, query, served, version)
+        late = [index for index in need_image if results[index] is None]
+        for index in late:
+            results[index] = protocol.deferred(version)
+        if late and self.settings.prewarm:
+            self.prewarmer.submit(self._image_jobs(loader, [tasks[i] for i in late], config))
+        return Predictions(results, deferred=len(late))
+
+    def _images(self, loader: ImageFetcher, tasks: list[dict], indices: list[int], config: protocol.LabelConfig,
+                deadline: float) -> Iterator[tuple[int, np.ndarray | Exception]]:
+        """(task index, image or the error that kept it) in order, with at most PREFETCH_IMAGES fetched
+        ahead; stops at the deadline (unfetched tasks are not yielded)."""
+        ahead: deque[tuple[int, Future]] = deque()
+        upcoming = iter(indices)
+
+        def fill() -> None:
+            while len(ahead) < max(1, self.settings.prefetch_images):
+                index = next(upcoming, None)
+                if index is None:
+                    return
+                ahead.append((index, self._fetch_pool.submit(self._task_image, loader, tasks[index], config)))
+
+        fill()
+        try:
+            while ahead:
+                index, future = ahead.popleft()
+                try:
+                    wait = None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
+                    image = future.result(timeout=wait)
+                except FutureTimeout:
+                    return
+                except (ImageError, protocol.ProtocolError) as exc:
+                    image = exc
+                fill()
+                yield index, image
+                if time.monotonic() >= deadline:
+                    return
+        finally:
+            for _, future in ahead:
+                future.cancel()
+
+    def _predict_task(self, task: dict, image: np.ndarray, key: str, query: protocol.PredictRequest,
+                      served, version: str) -> dict:
+        started = time.perf_counter()
+        height, width = image.shape[:2]
+        if query.interactive:
+            prompts = protocol.context_prompts(query.context, query.config, width, height)
+        else:
+            prompts = Prompts(boxes=tuple(protocol.task_boxes(task, query.config, width, height)))
+        if len(prompts.boxes) > self.settings.max_boxes:
+            raise protocol.ProtocolError(f"task {task.get('id')} has {len(prompts.boxes)} boxes; "
+                                         f"at most {self.settings.max_boxes} (MAX_BOXES_PER_TASK)")
+        cached = False
+        masks = []
+        if prompts.boxes or prompts.points:
+            embedding, cached = self.cache.get_or_compute(key, lambda: self.segmenter.embed(image))
+            masks = self.segmenter.decode(embedding, prompts, served.module)
+        seconds = time.perf_counter() - started
+        if not cached:  # what a new image costs: the next call's deferral bound
+            self._new_image_s = seconds if not self._new_image_s else 0.7 * self._new_image_s + 0.3 * seconds
+        log.info("task predicted", extra={"task": task.get("id"), "boxes": len(prompts.boxes),
+                                          "points": len(prompts.points), "embedding_cached": cached,
+                                          "ms": round(1000 * seconds, 1)})
+        return protocol.prediction(masks, query.config, version)
 
     @staticmethod
     def _task_image(loader: ImageFetcher, task: dict, config: protocol.LabelConfig):
         return loader.load(protocol.task_image_url(task, config), task.get("id"))
+
+    # -- pre-warming ------------------------------------------------------------------------------------
+    def prewarm_tasks(self, project: str | None, tasks: list[dict], config: protocol.LabelConfig) -> int:
+        """Queue the tasks' images for background embedding; returns how many were queued."""
+        if not self.settings.prewarm:
+            return 0
+        return self.prewarmer.submit(self._image_jobs(self._loader(project), tasks, config))
+
+    def prewarm_project(self, project: str, every_s: float = 3600.0) -> bool:
+        """Queue every task image of the project, listed through Label Studio's API in a background thread;
+        at most once per `every_s` per project across processes (a marker file's mtime). True if started."""
+        marker = connection_path(self.settings, project)
+        if not self.settings.prewarm or marker is None:
+            return False
+        marker = marker.with_name("prewarmed")
+        try:
+            if time.time() - marker.stat().st_mtime < every_s:
+                return False
+        except OSError:
+            pass
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        threading.Thread(target=self._prewarm_listed, args=(project,), name=f"prewarm-list-{project}",
+                         daemon=True).start()
+        return True
+
+    def _prewarm_listed(self, project: str) -> None:
+        source = image_source(self.settings, project, self._allowed_hosts)
+        if not source.label_studio_url or not source.token:
+            log.warning("prewarm skipped: no Label Studio URL/token", extra={"project": project})
+            return
+        listed = queued = 0
+        try:
+            client = LabelStudioClient(source.label_studio_url, source.token)
+            config = protocol.parse_label_config(client.project(int(project)).get("label_config") or "")
+            for page in client.tasks(int(project)):
+                listed += len(page)
+                queued += self.prewarm_tasks(project, page, config)
+        except (ConnectError, protocol.ProtocolError) as exc:
+            log.warning("prewarm listing failed", extra={"project": project, "error": str(exc)})
+        log.info("prewarm project listed", extra={"project": project, "tasks": listed, "queued": queued})
+
+    @staticmethod
+    def _image_jobs(loader: ImageFetcher, tasks: list[dict], config: protocol.LabelConfig) -> Iterator[ImageJob]:
+        for task in tasks:
+            url = task.get("data", {}).get(config.image_key) if isinstance(task.get("data"), dict) else None
+            if isinstance(url, str) and url:
+                task_id = task.get("id")
+                yield ImageJob(loader, url, task_id if isinstance(task_id, int) else None)
 
     # -- Label Studio connection ----------------------------------------------------------------------
     def _loader(self, project: str | None) -> ImageFetcher:

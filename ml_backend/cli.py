@@ -1,4 +1,4 @@
-"""The command line: python -m ml_backend train | eval | versions | activate | rollback | connect | worker.
+"""The command line: python -m ml_backend train | eval | versions | activate | rollback | connect | prelabel | worker.
 
 Every command reads the backend's settings (environment variables, README "Settings"): MODEL_DIR, SAM_MODEL,
 SAM_CHECKPOINT(_SHA256), DEVICE, TORCH_THREADS, LABEL_STUDIO_URL / _API_KEY and the image rules and limits;
@@ -86,6 +86,10 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     connect.add_arguments(commands.add_parser(
         "connect", help="connect the backend to Label Studio projects (idempotent)",
         description=connect.__doc__.split("\n\n")[0]), settings)
+    prelabel = commands.add_parser("prelabel", help="pre-label a Label Studio project: every task with boxes gets "
+                                   "a mask prediction of the served version (resumable)")
+    prelabel.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    prelabel.add_argument("--json", action="store_true", help="print the job record as one JSON line")
     worker = commands.add_parser("worker", help="run due training jobs forever (the training worker)")
     worker.add_argument("--job", type=int, metavar="ID", help="run one claimed job (what the dispatcher starts)")
     return parser
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     changed = {"model_dir": getattr(args, "model_dir", None), "sam_model": getattr(args, "model", None),
                "sam_checkpoint": getattr(args, "checkpoint", None)}
     args.settings = dataclasses.replace(settings, **{k: v for k, v in changed.items() if v is not None})
-    if args.command in ("connect", "worker"):
+    if args.command in ("connect", "worker", "prelabel"):
         return _edge_command(args)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -226,6 +230,19 @@ def _edge_command(args: argparse.Namespace) -> int:
     if args.command == "connect":
         return connect.run(args)
     configure(args.settings.log_level)
+    if args.command == "prelabel":
+        from .backend import build_segmenter
+
+        job_id, code = training.prelabel_now(args.settings, str(args.project), build_segmenter(args.settings))
+        job = training.job_store(args.settings).job(job_id)
+        if args.json:
+            print(json.dumps(job.as_dict(), default=str))
+        elif job.state == "succeeded":
+            print("project {project}: {predicted} tasks pre-labelled with {model_version}, {skipped} had it, "
+                  "{no_boxes} without boxes, {failed} failed".format(**job.result))
+        else:
+            print(f"error: job {job_id} {job.state}: {job.error}", file=sys.stderr)
+        return code
     if args.job is not None:
         from .backend import build_segmenter
 

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import requests
 
@@ -208,6 +208,30 @@ class LabelStudioClient:
 
     def projects(self) -> list[dict]:
         return self._call("/api/projects", lambda: list(self.sdk.projects.list(page_size=100)))
+
+    def tasks(self, project_id: int, page_size: int = 100, fields: str = "task_only") -> Iterator[list[dict]]:
+        """The project's tasks, a page at a time: id, data, ... ("task_only") or with their annotations and
+        predictions ("all")."""
+        path = f"/api/tasks?project={project_id}"
+        page = self._call(path, lambda: self.sdk.tasks.list(project=project_id, fields=fields, page_size=page_size))
+        while page is not None:
+            items = [t.model_dump() if hasattr(t, "model_dump") else t for t in page.items or []]
+            if not items:
+                return
+            yield items
+            if not page.has_next:
+                return
+            try:
+                page = self._call(path, page.next_page)
+            except HTTPFailure as exc:
+                if exc.status == 404:  # Label Studio's answer past the last page ("Invalid page.")
+                    return
+                raise
+
+    def import_predictions(self, project_id: int, predictions: list[dict]) -> dict:
+        """Store predictions ({task, result, score, model_version}) in one call."""
+        return self._call(f"/api/projects/{project_id}/import/predictions",
+                          lambda: self.sdk.projects.import_predictions(id=project_id, request=predictions))
 
     def ml_backends(self, project_id: int) -> list[dict]:
         return self._call("/api/ml", lambda: self.sdk.ml.list(project=project_id))

@@ -147,21 +147,34 @@ def _boxes_in(regions: list[dict], config: LabelConfig, width: int, height: int)
     return [b for b in boxes if not b.is_empty]
 
 
-def task_boxes(task: dict, config: LabelConfig, width: int, height: int) -> list[Box]:
-    """Boxes of the task's latest annotation that has any, else of its latest prediction that has any."""
+def _prompt_sources(task: dict) -> list[list[dict]]:
+    """The regions of the task's annotations (latest first), then of its predictions (latest first)."""
     for source in ("annotations", "predictions"):
         listed = task.get(source)
         if listed is not None and not isinstance(listed, list):
             raise ProtocolError(f"task {str(task.get('id'))[:40]}: {source} must be a list, "
                                 f"got {type(listed).__name__}")
+    sources = []
     for source in ("annotations", "predictions"):
         entries = [e for e in (task.get(source) or []) if isinstance(e, dict) and not e.get("was_cancelled")]
         entries.sort(key=lambda e: (str(e.get("updated_at") or e.get("created_at") or ""), e.get("id") or 0))
-        for entry in reversed(entries):
-            boxes = _boxes_in(_regions(entry.get("result")), config, width, height)
-            if boxes:
-                return boxes
+        sources.extend(_regions(entry.get("result")) for entry in reversed(entries))
+    return sources
+
+
+def task_boxes(task: dict, config: LabelConfig, width: int, height: int) -> list[Box]:
+    """Boxes of the task's latest annotation that has any, else of its latest prediction that has any."""
+    for regions in _prompt_sources(task):
+        boxes = _boxes_in(regions, config, width, height)
+        if boxes:
+            return boxes
     return []
+
+
+def task_has_boxes(task: dict, config: LabelConfig) -> bool:
+    """Whether the task holds any box prompt (before its image, and so its size, is known)."""
+    return any(_is_prompt(r, "rectanglelabels", config.box_controls) for regions in _prompt_sources(task)
+               for r in regions)
 
 
 def context_prompts(context: dict, config: LabelConfig, width: int, height: int) -> Prompts:
@@ -230,6 +243,17 @@ def mask_to_regions(mask: Mask, config: LabelConfig) -> list[dict]:
                                "closed": True, "polygonlabels": labels}
         regions.append(region)
     return regions
+
+
+def deferred(model_version: str) -> dict:
+    """A task not reached within the call's time budget: no "result", so Label Studio stores nothing and
+    its next Retrieve predictions asks for it again."""
+    return {"model_version": model_version, "deferred": True}
+
+
+def failed(model_version: str, error: str) -> dict:
+    """A task whose image or prompts failed: no "result" (Label Studio stores nothing), the reason."""
+    return {"model_version": model_version, "error": error}
 
 
 def prediction(masks: list[Mask], config: LabelConfig, model_version: str) -> dict:

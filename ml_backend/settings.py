@@ -24,6 +24,11 @@ class Settings:
     decoder_bf16: bool = False               # DECODER_BF16: bf16 autocast for the mask decoder (CPU)
     cache_mb: float = 512.0                  # EMBEDDING_CACHE_MB: in-memory embedding cache bound
     disk_cache: bool = True                  # EMBEDDING_DISK_CACHE: also keep embeddings under MODEL_DIR
+    disk_cache_mb: float = 8192.0            # EMBEDDING_DISK_CACHE_MB: disk embedding cache bound (LRU by last use)
+    predict_deadline_s: float = 75.0         # PREDICT_DEADLINE_S: time budget of one /predict, below Label Studio's ML_TIMEOUT_PREDICT (default 100)
+    prefetch_images: int = 4                 # PREFETCH_IMAGES: decoded images in flight per /predict call
+    prewarm: bool = True                     # PREWARM: embed deferred and newly imported tasks' images in the background
+    prewarm_queue: int = 20000               # PREWARM_QUEUE: images waiting to be pre-warmed, at most
     torch_threads: int = 0                   # TORCH_THREADS: intra-op threads per worker (0 = torch default)
     image_timeout_s: float = 15.0            # IMAGE_TIMEOUT_S: per image download
     max_image_pixels: int = 40_000_000       # MAX_IMAGE_PIXELS: larger images are refused
@@ -33,9 +38,9 @@ class Settings:
     basic_auth_user: str | None = None       # BASIC_AUTH_USER: with BASIC_AUTH_PASS, HTTP basic auth on all routes but /health
     basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS (never logged)
     auth_token: str | None = field(default=None, repr=False)       # AUTH_TOKEN: or "Authorization: Bearer <token>" on all routes but /health
-    max_tasks: int = 1000                    # MAX_TASKS_PER_REQUEST
+    max_tasks: int = 100_000                 # MAX_TASKS_PER_REQUEST: a whole Data-Manager selection (the deadline defers the rest)
     max_boxes: int = 500                     # MAX_BOXES_PER_TASK
-    max_body_mb: float = 32.0                # MAX_BODY_MB: request body limit
+    max_body_mb: float = 128.0               # MAX_BODY_MB: request body limit (10,000 tasks with boxes: ~30 MB)
     log_level: str = "INFO"                  # LOG_LEVEL
     redis_url: str | None = None             # REDIS_URL: run training jobs on RQ workers instead of embedded
     training_runner: str = "auto"            # TRAINING_RUNNER: auto | embedded | worker | rq | off
@@ -43,6 +48,7 @@ class Settings:
     train_debounce_s: float = 30.0           # TRAIN_DEBOUNCE_S: quiet time after the last annotation event
     train_epochs: int = 8                    # TRAIN_EPOCHS
     train_objects_per_image: int = 4         # TRAIN_OBJECTS_PER_IMAGE: objects per image per epoch
+    prelabel_on_promote: bool = False        # PRELABEL_ON_PROMOTE: pre-label the whole project after a version is promoted
     promotion_margin: float = 0.005          # PROMOTION_MARGIN: val mIoU a new version must win by
     keep_versions: int = 5                   # KEEP_VERSIONS: newest versions kept (plus the active one)
 
@@ -58,6 +64,7 @@ class Settings:
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
         names = {"cache_mb": "EMBEDDING_CACHE_MB", "disk_cache": "EMBEDDING_DISK_CACHE",
+                 "disk_cache_mb": "EMBEDDING_DISK_CACHE_MB",
                  "max_tasks": "MAX_TASKS_PER_REQUEST", "max_boxes": "MAX_BOXES_PER_TASK"}
         values = {}
         for setting in fields(cls):

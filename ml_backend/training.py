@@ -7,13 +7,15 @@ Studio and hands it to the core (trainer.jobs.run_job -> trainer.finetune).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
 import time
 from datetime import timedelta
 
 from trainer.finetune import FineTuneConfig
-from trainer.jobs import Dispatcher, JobStore, TriggerPolicy, run_job
+from trainer.jobs import PRELABEL, Dispatcher, JobStore, TriggerPolicy, run_job, training_lock
 from trainer.registry import Registry, RegistryError
 from trainer.runtime import BASE_VERSION
 
@@ -58,11 +60,22 @@ class Training:
 
     def record(self, project: str, action: str, annotations: int) -> tuple[int, int | None]:
         event_id, job_id = self.store.record_event(project, action, annotations, self.policy)
-        if job_id is not None and self._queue is not None:
+        if job_id is not None:
+            self._wake(job_id)
+        return event_id, job_id
+
+    def prelabel(self, project: str) -> tuple[int, bool]:
+        """Queue a pre-labelling job for the project (joins a queued one); returns (job id, new)."""
+        job_id, new = self.store.enqueue(project, PRELABEL, "PRELABEL")
+        self._wake(job_id)
+        return job_id, new
+
+    def _wake(self, job_id: int) -> None:
+        """Tell RQ when the job is due (the embedded and worker runners poll the store)."""
+        if self._queue is not None:
             job = self.store.job(job_id)
             delay = max(0.0, job.not_before - time.time())
             self._queue.enqueue_in(timedelta(seconds=delay + 0.5), rq_run_due_jobs, job_timeout=6 * 3600)
-        return event_id, job_id
 
     def status(self, project: str) -> dict:
         registry = Registry(self.settings.model_dir, project)
@@ -83,7 +96,12 @@ def load_project(settings: Settings, project: str):
 
 
 def run_one_job(settings: Settings, job_id: int, segmenter) -> int:
-    """The child process's body: fine-tune on the project's data, gate, record; exit code 0 or 1."""
+    """The child process's body: fine-tune on the project's data, gate, record (or pre-label the project);
+    exit code 0 or 1."""
+    store = job_store(settings)
+    job = store.job(job_id)
+    if job is not None and job.kind == PRELABEL:
+        return run_prelabel_job(settings, store, job_id, segmenter)
     config = FineTuneConfig(epochs=settings.train_epochs, max_objects_per_image=settings.train_objects_per_image,
                             margin=settings.promotion_margin)
     try:
@@ -93,7 +111,51 @@ def run_one_job(settings: Settings, job_id: int, segmenter) -> int:
         log.error("job failed", extra={"job": job_id, "error": str(exc)})
         return 1
     log.info("job succeeded", extra={"job": job_id, **result})
+    if result.get("promoted") and settings.prelabel_on_promote:
+        prelabel_id, _ = store.enqueue(job.project, PRELABEL, "PROMOTED")
+        log.info("prelabel queued after promotion", extra={"job": prelabel_id, "project": job.project})
     return 0
+
+
+def run_prelabel_job(settings: Settings, store: JobStore, job_id: int, segmenter, bar: bool = False) -> int:
+    """A claimed pre-labelling job: progress in the job record, the counts as its result; exit code 0 or 1."""
+    from .backend import SamBackend
+    from .prelabel import PrelabelError, prelabel_project
+
+    job = store.job(job_id)
+    backend = SamBackend(dataclasses.replace(settings, prewarm=False), segmenter)
+    try:
+        report = prelabel_project(settings, job.project, backend, lambda p: store.set_progress(job_id, p), bar)
+    except (PrelabelError, RuntimeError, ValueError, OSError) as exc:
+        store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        log.error("job failed", extra={"job": job_id, "error": str(exc)})
+        return 1
+    store.finish(job_id, "succeeded", result=report)
+    return 0
+
+
+def prelabel_now(settings: Settings, project: str, segmenter, wait_s: float = 6 * 3600) -> tuple[int, int]:
+    """The command line's pre-labelling: queue the job, then run it here (tqdm bar) as soon as no other job
+    runs (the runners' lock); returns (job id, exit code)."""
+    store = job_store(settings)
+    job_id, _ = store.enqueue(project, PRELABEL, "CLI")
+    deadline = time.monotonic() + wait_s
+    told = False
+    while time.monotonic() < deadline:
+        job = store.job(job_id)
+        if job.state in ("succeeded", "failed"):  # a runner took it meanwhile
+            return job_id, 0 if job.state == "succeeded" else 1
+        if job.state == "queued":
+            with training_lock(settings.model_dir) as fd:
+                if fd is not None:
+                    store.recover()
+                    if store.claim_due(os.getpid(), job_id=job_id) is not None:
+                        return job_id, run_prelabel_job(settings, store, job_id, segmenter, bar=sys.stderr.isatty())
+        if not told:
+            print(f"job {job_id}: waiting for the running job to end", file=sys.stderr)
+            told = True
+        time.sleep(2)
+    return job_id, 1
 
 
 def serve(settings: Settings) -> int:

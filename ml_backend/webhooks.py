@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .protocol import ProtocolError, project_id
+from .protocol import LabelConfig, ProtocolError, parse_label_config, project_id
 
 ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED",
            "START_TRAINING")
@@ -48,3 +48,27 @@ def parse_webhook(body: dict) -> WebhookEvent | None:
     if annotations is None:
         raise ProtocolError(f"{action} webhook has no annotation")
     return WebhookEvent(action, project, _completed(annotations))
+
+
+@dataclass(frozen=True)
+class NewTasks:
+    """A TASKS_CREATED event: the project, its label config and the new tasks (Label Studio's dicts)."""
+
+    project: str
+    config: LabelConfig
+    tasks: list[dict]
+
+
+def parse_new_tasks(body: dict) -> NewTasks | None:
+    """The tasks of a TASKS_CREATED body (Label Studio sends the tasks and the project with its label config),
+    None for any other action. A body without tasks or without a config this backend serves raises
+    ProtocolError."""
+    if body.get("action") != "TASKS_CREATED":
+        return None
+    project_body = body.get("project") if isinstance(body.get("project"), dict) else {}
+    project = project_id(project_body)
+    tasks = body.get("tasks")
+    if project is None or not isinstance(tasks, list):
+        raise ProtocolError("TASKS_CREATED webhook needs project and tasks (send_payload on)")
+    config = parse_label_config(project_body.get("label_config") or "")
+    return NewTasks(project, config, [t for t in tasks if isinstance(t, dict)])

@@ -162,6 +162,27 @@ class LabelStudioServer:
             ids.append(int(out["task_ids"][0]))
         return ids
 
+    def upload_many(self, project_id: int, paths: Iterable[str | Path], per_request: int = 50) -> list[int]:
+        """Upload image files, `per_request` to an import (Django refuses more than 100 files in one request);
+        returns the new task ids, sorted (their order is not the files' order)."""
+        paths = [Path(p) for p in paths]
+        ids: list[int] = []
+        for start in range(0, len(paths), per_request):
+            handles = [open(p, "rb") for p in paths[start:start + per_request]]
+            try:
+                out = self.post(f"/api/projects/{project_id}/import",
+                                files=[(Path(h.name).name, (Path(h.name).name, h)) for h in handles],
+                                params={"commit_to_project": "true", "return_task_ids": "true"}, timeout=600)
+            finally:
+                for handle in handles:
+                    handle.close()
+            ids.extend(int(i) for i in out["task_ids"])
+        return sorted(ids)
+
+    def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> Any:
+        """Predictions ({task, result, model_version, score}) in one request, as a detector pipeline posts them."""
+        return self.post(f"/api/projects/{project_id}/import/predictions", json=predictions, timeout=600)
+
     def create_annotation(self, task_id: int, result: list[dict[str, Any]], **extra: Any) -> int:
         """Create an annotation on a task; return its id."""
         body = {"result": result, **extra}
@@ -256,8 +277,10 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
 @contextlib.contextmanager
 def start_label_studio(data_dir: str | Path, timeout: float = START_TIMEOUT_S,
                        binary: str | Path | None = None,
-                       port: int | None = None) -> Iterator[LabelStudioServer]:
-    """Run ``label-studio start`` on a free 127.0.0.1 port until the block exits.
+                       port: int | None = None,
+                       env: dict[str, str] | None = None) -> Iterator[LabelStudioServer]:
+    """Run ``label-studio start`` on a free 127.0.0.1 port until the block exits; ``env`` adds Label Studio
+    settings (e.g. ``ML_TIMEOUT_PREDICT``).
 
     Raises ``LabelStudioError`` (with the log tail) if the binary is missing, the process dies,
     the server lands on another port, or /health is not 200 within ``timeout`` seconds.
@@ -278,7 +301,7 @@ def start_label_studio(data_dir: str | Path, timeout: float = START_TIMEOUT_S,
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=_ls_env(data_dir), cwd=data_dir, start_new_session=True)
+                                env={**_ls_env(data_dir), **(env or {})}, cwd=data_dir, start_new_session=True)
     try:
         _wait_healthy(proc, url, port, log_path, timeout)
         server = LabelStudioServer(url, TOKEN, log_path, time.monotonic() - t0)

@@ -109,11 +109,13 @@ def test_interactive_box_and_click(client):
 
 
 def test_unreachable_image_fails_only_its_task(client):
-    tasks = [task(6, 2), task(6, 2, task_id=7, url="/data/upload/1/missing.png"), {"id": 8, "data": {}}]
+    tasks = [task(6, 2), task(6, 2, task_id=7, url="/data/upload/1/missing.png"), {**task(6, 2), "data": {}},
+             {"id": 9, "data": {}}]
     results = predict(client, tasks).get_json()["results"]
     assert len(results[0]["result"]) == 2
     assert "result" not in results[1] and "404" in results[1]["error"]
     assert "result" not in results[2] and "data.image" in results[2]["error"]
+    assert results[3]["result"] == []  # no boxes: answered without its image
 
 
 @pytest.mark.parametrize("body,message", [

@@ -42,7 +42,8 @@ def backend(label_studio, tmp_path_factory):
     root = tmp_path_factory.mktemp("training-backend")
     env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
            "MODEL_DIR": str(root / "models"), "WORKERS": "2", "THREADS": "4", "MIN_ANNOTATIONS": str(len(TRAIN_IMAGES)),
-           "TRAIN_DEBOUNCE_S": "2", "TRAIN_EPOCHS": "2", "TRAIN_OBJECTS_PER_IMAGE": "4"}
+           "TRAIN_DEBOUNCE_S": "2", "TRAIN_EPOCHS": "2", "TRAIN_OBJECTS_PER_IMAGE": "4",
+           "PRELABEL_ON_PROMOTE": "true"}
     with start_backend(env, root / "gunicorn.log") as url:
         yield url, root / "models"
 
@@ -88,7 +89,13 @@ def test_webhooks_train_promote_and_serve_better_masks(label_studio, ls_project,
         reported = requests.post(f"{url}/setup", json={"project": f"{ls_project}.1"}, timeout=5).json()
         assert reported["model_version"].endswith(f"@{version}")
 
-    label_studio.retrieve_predictions(ls_project)
+    # PRELABEL_ON_PROMOTE: the promoted version pre-labels the project (the held-out tasks have boxes)
+    prelabel = wait_for(lambda: next((j for j in status()["prelabel"] if j["state"] in ("succeeded", "failed")),
+                                     None), 300, "the pre-labelling job after the promotion", interval=2)
+    assert prelabel["state"] == "succeeded" and prelabel["trigger"] == "PROMOTED", prelabel
+    assert prelabel["result"]["model_version"].endswith(f"@{version}")
+    assert prelabel["result"]["predicted"] == len(HELD_OUT) and prelabel["result"]["failed"] == 0
+    label_studio.retrieve_predictions(ls_project)  # nothing left to ask: every task has the version
     new_miou = held_out_miou(label_studio, held_ids, f"@{version}")
     print(f"held-out mIoU base {base_miou:.3f} -> {version} {new_miou:.3f}; job result {result}")
     assert new_miou > base_miou + 0.01

@@ -144,6 +144,7 @@ def test_cache_single_flight_and_bound(segmenter, tmp_path):
     # the disk copy serves a fresh cache without computing
     fresh = EmbeddingCache(max_mb=64, disk=DiskEmbeddings(tmp_path))
     loaded, hit = fresh.get_or_compute(key, lambda: pytest.fail("recomputed"))
+    assert hit  # a disk hit is a hit: nothing was computed
     assert torch.equal(loaded.features, embedding.features) and loaded.original_size == (256, 256)
 
 

@@ -41,9 +41,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     trigger TEXT NOT NULL, created_at REAL NOT NULL, not_before REAL NOT NULL,
     started_at REAL, finished_at REAL, pid INTEGER, result TEXT, error TEXT);
 CREATE INDEX IF NOT EXISTS jobs_project_state ON jobs (project, state);
+CREATE TABLE IF NOT EXISTS job_progress (job_id INTEGER PRIMARY KEY, progress TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_project_job ON events (project, job_id);
 """
 ACTIVE_STATES = ("queued", "running")
+TRAIN, PRELABEL = "train", "prelabel"  # job kinds; training is claimed first
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Job:
     pid: int | None
     result: dict | None
     error: str | None
+    kind: str = TRAIN
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -87,6 +90,8 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(SCHEMA)
+            if "kind" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT '{TRAIN}'")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -118,7 +123,8 @@ class JobStore:
         with self._transaction() as db:
             event_id = db.execute("INSERT INTO events (project, action, annotations, received_at) VALUES (?,?,?,?)",
                                   (project, action, annotations, now)).lastrowid
-            queued = db.execute("SELECT * FROM jobs WHERE project=? AND state='queued'", (project,)).fetchone()
+            queued = db.execute("SELECT * FROM jobs WHERE project=? AND state='queued' AND kind=?",
+                                (project, TRAIN)).fetchone()
             if action == "START_TRAINING":
                 not_before = now
             elif queued is not None and queued["trigger"] == "START_TRAINING":
@@ -139,12 +145,36 @@ class JobStore:
             db.execute("UPDATE events SET job_id=? WHERE project=? AND job_id IS NULL", (job_id, project))
             return event_id, job_id
 
-    def claim_due(self, pid: int, now: float | None = None) -> Job | None:
-        """Mark the oldest due queued job running (for process pid) and return it."""
+    def enqueue(self, project: str, kind: str, trigger: str, now: float | None = None) -> tuple[int, bool]:
+        """Queue a job of `kind` now, unless one of that kind is already queued for the project (joined);
+        returns (job id, whether it is new)."""
         now = time.time() if now is None else now
         with self._transaction() as db:
-            row = db.execute("SELECT * FROM jobs WHERE state='queued' AND not_before<=? ORDER BY not_before, id "
-                             "LIMIT 1", (now,)).fetchone()
+            queued = db.execute("SELECT id FROM jobs WHERE project=? AND state='queued' AND kind=?",
+                                (project, kind)).fetchone()
+            if queued is not None:
+                return queued["id"], False
+            return db.execute("INSERT INTO jobs (project, state, trigger, created_at, not_before, kind) "
+                              "VALUES (?, 'queued', ?, ?, ?, ?)", (project, trigger, now, now, kind)).lastrowid, True
+
+    def set_progress(self, job_id: int, progress: dict) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO job_progress (job_id, progress) VALUES (?, ?)",
+                       (job_id, json.dumps(progress)))
+
+    def progress(self, job_id: int) -> dict | None:
+        with self._connect() as db:
+            row = db.execute("SELECT progress FROM job_progress WHERE job_id=?", (job_id,)).fetchone()
+        return json.loads(row["progress"]) if row else None
+
+    def claim_due(self, pid: int, now: float | None = None, job_id: int | None = None) -> Job | None:
+        """Mark the oldest due queued job (training before other kinds; or exactly `job_id`) running for
+        process pid and return it."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE state='queued' AND not_before<=? AND (? IS NULL OR id=?) "
+                             f"ORDER BY kind != '{TRAIN}', not_before, id LIMIT 1",
+                             (now, job_id, job_id)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET state='running', started_at=?, pid=? WHERE id=?", (now, pid, row["id"]))
@@ -200,9 +230,11 @@ class JobStore:
         """Current and queued jobs, the last finished one, recent errors, annotations waiting for a job."""
         jobs = self.jobs(project, limit=50)
         finished = [j for j in jobs if j.state in ("succeeded", "failed")]
-        return {"running": next((j.as_dict() for j in jobs if j.state == "running"), None),
-                "queued": next((j.as_dict() for j in jobs if j.state == "queued"), None),
-                "last": finished[0].as_dict() if finished else None,
+        trained = [j for j in finished if j.kind == TRAIN]
+        return {"running": next((j.as_dict() for j in jobs if j.state == "running" and j.kind == TRAIN), None),
+                "queued": next((j.as_dict() for j in jobs if j.state == "queued" and j.kind == TRAIN), None),
+                "prelabel": [{**j.as_dict(), "progress": self.progress(j.id)} for j in jobs if j.kind == PRELABEL][:3],
+                "last": trained[0].as_dict() if trained else None,
                 "recent_errors": [{"job": j.id, "finished_at": j.finished_at, "error": j.error}
                                   for j in finished if j.state == "failed"][:5],
                 "pending_annotations": self.pending_annotations(project),

@@ -1,0 +1,141 @@
+"""Embedding images before anyone waits for them: tasks a /predict call deferred, tasks just imported, a
+whole project when it is connected. One low-priority thread per backend process; it yields to live calls."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter, deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from trainer.cache import EmbeddingCache, image_key
+from trainer.runtime import Segmenter
+
+from .fetch import ImageError, ImageFetcher
+
+log = logging.getLogger("ml_backend.prewarm")
+NICENESS = 15  # the thread's (and its torch workers') scheduling priority: live calls come first
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One task image to embed: where to load it from, its URL (a task's data value) and the task id."""
+
+    loader: ImageFetcher
+    url: str
+    task_id: int | None = None
+
+
+class Prewarmer:
+    """A bounded, deduplicated queue of images and the thread that embeds them into the cache (to disk when
+    the cache has one, so every worker and training share them; memory stays for live calls).
+
+    The thread runs at low scheduling priority and starts an image only while no live call of this process
+    is in `live()`; a live call that needs an image being pre-warmed waits for it instead of computing it
+    again (the cache is single-flight).
+    """
+
+    def __init__(self, segmenter: Segmenter, cache: EmbeddingCache, max_queue: int) -> None:
+        self.segmenter = segmenter
+        self.cache = cache
+        self.max_queue = max_queue
+        self.counts: Counter[str] = Counter()
+        self._queue: deque[ImageJob] = deque()
+        self._pending: set[tuple[int, str]] = set()
+        self._live = 0
+        self._busy = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, jobs: Iterable[ImageJob]) -> int:
+        """Queue images not already queued; returns how many were accepted (the rest: queued or queue full)."""
+        accepted = 0
+        with self._cond:
+            for job in jobs:
+                ident = (id(job.loader), job.url)
+                if ident in self._pending:
+                    continue
+                if len(self._queue) >= self.max_queue:
+                    self.counts["dropped"] += 1
+                    continue
+                self._pending.add(ident)
+                self._queue.append(job)
+                accepted += 1
+            if accepted:
+                self._start()
+                self._cond.notify_all()
+        return accepted
+
+    @contextmanager
+    def live(self) -> Iterator[None]:
+        """Wrap a live call: no new image is started while one runs."""
+        with self._cond:
+            self._live += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._live -= 1
+                self._cond.notify_all()
+
+    def status(self) -> dict:
+        with self._cond:
+            return {"queued": len(self._queue), "running": self._busy, **self.counts}
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until the queue is empty and no image is being embedded (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="prewarm", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:  # Linux: a thread's nice value is its own, and the torch workers it starts inherit it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            with self._cond:
+                while not self._queue or self._live:
+                    self._cond.wait()
+                job = self._queue.popleft()
+                self._busy = True
+            try:
+                self._warm(job)
+            finally:
+                with self._cond:
+                    self._pending.discard((id(job.loader), job.url))
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _warm(self, job: ImageJob) -> None:
+        started = time.perf_counter()
+        try:
+            image = job.loader.load(job.url, job.task_id)
+            key = image_key(self.segmenter.encoder_identity, image)
+            if self.cache.contains(key):
+                outcome = "cached"
+            else:
+                self.cache.get_or_compute(key, lambda: self.segmenter.embed(image), keep_in_memory=False)
+                outcome = "embedded"
+        except ImageError as exc:
+            outcome = "failed"
+            log.warning("prewarm image failed", extra={"task": job.task_id, "error": str(exc)})
+        except Exception as exc:  # never let one image stop the thread
+            outcome = "failed"
+            log.exception("prewarm error", extra={"task": job.task_id, "error": type(exc).__name__})
+        self.counts[outcome] += 1
+        log.info("prewarm image", extra={"task": job.task_id, "outcome": outcome, "queued": len(self._queue),
+                                         "ms": round(1000 * (time.perf_counter() - started), 1)})

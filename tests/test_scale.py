@@ -1,0 +1,162 @@
+"""Project scale without Label Studio: /predict within its time budget (deferred tasks, bounded prefetch,
+background pre-warm), TASKS_CREATED pre-warm, and the disk embedding cache bound (real model, real images
+from a local stand-in host). The same through a real Label Studio: tests/test_e2e_scale.py."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ml_backend.app import create_app
+from ml_backend.backend import SamBackend
+from ml_backend.settings import Settings
+from tests import dataset
+from tests.image_server import serve_files
+from tests.label_studio import rect_result
+from trainer.cache import DiskEmbeddings
+from trainer.types import Embedding
+
+TOKEN = "scale-token"
+CONFIG = """<View><Image name="image" value="$image"/>
+<RectangleLabels name="box" toName="image"><Label value="nucleus"/></RectangleLabels>
+<BrushLabels name="mask" toName="image"><Label value="nucleus"/></BrushLabels></View>"""
+
+
+def distinct_images(folder: Path, count: int) -> list[Path]:
+    """`count` images with distinct pixels: the dataset's train images, each also flipped both ways."""
+    paths = []
+    for image_id in dataset.splits()["train"]:
+        pixels = dataset.load_image(image_id)
+        for variant in (pixels, pixels[:, ::-1], pixels[::-1]):
+            if len(paths) == count:
+                return paths
+            path = folder / f"{len(paths):05d}.png"
+            Image.fromarray(np.ascontiguousarray(variant)).save(path)
+            paths.append(path)
+    raise ValueError(f"the dataset makes fewer than {count} distinct images")
+
+
+def box_task(task_id: int, url: str, with_box: bool = True) -> dict:
+    result = [rect_result(20, 20, 60, 50, 100, 100, "nucleus")] if with_box else []
+    return {"id": task_id, "data": {"image": url}, "annotations": [{"id": task_id, "result": result}],
+            "predictions": []}
+
+
+def predict(client, tasks: list[dict]) -> tuple[list[dict], float]:
+    started = time.monotonic()
+    response = client.post("/predict", json={"tasks": tasks, "project": "7.1700000000", "label_config": CONFIG})
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["results"], time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    paths = distinct_images(tmp_path_factory.mktemp("distinct"), 9)
+    return {f"/data/upload/7/{p.name}": p for p in paths}
+
+
+def make_backend(url: str, model_dir: Path, **settings) -> tuple[SamBackend, object]:
+    config = Settings(label_studio_url=url, label_studio_api_key=TOKEN, model_dir=model_dir, **settings)
+    backend = SamBackend(config)
+    return backend, create_app(config, backend).test_client()
+
+
+def test_predict_defers_what_the_deadline_does_not_reach_and_prewarms_it(images, tmp_path):
+    deadline = 3.0
+    with serve_files(images, TOKEN) as url:
+        backend, client = make_backend(url, tmp_path / "models", predict_deadline_s=deadline)
+        paths = sorted(images)
+        tasks = [box_task(i, p) for i, p in enumerate(paths[:8])] + [box_task(100, paths[8], with_box=False)]
+        results, seconds = predict(client, tasks)
+        assert len(results) == len(tasks)
+        answered = [i for i, r in enumerate(results) if "result" in r]
+        deferred = [i for i, r in enumerate(results) if r.get("deferred")]
+        assert 8 in answered and results[8]["result"] == []  # no boxes: answered at once, not deferred
+        assert deferred and len(answered) + len(deferred) == len(tasks), results
+        assert all("result" not in results[i] for i in deferred)  # Label Studio stores nothing for them
+        assert all(len(results[i]["result"]) == 1 for i in answered if i != 8)
+        assert seconds < deadline + 4.0, f"one call took {seconds:.1f} s with a {deadline} s budget"
+
+        # the deferred images are embedded in the background: the next call answers every task
+        assert backend.prewarmer.wait_idle(120), backend.prewarmer.status()
+        assert backend.prewarmer.counts["embedded"] == len(deferred)
+        again, _ = predict(client, tasks)
+        assert all("result" in r for r in again), again
+        assert [len(r["result"]) for r in again] == [1] * 8 + [0]
+
+
+def test_ten_thousand_tasks_are_answered_within_the_budget(images, tmp_path):
+    """A whole Data-Manager selection in one call: not refused; most deferred; the pre-warm queue bounded."""
+    count, deadline = 10_000, 3.0
+    paths = sorted(images)
+    served = {f"/data/upload/7/many/{i}.png": images[paths[i % 3]] for i in range(count)}
+    with serve_files(served, TOKEN) as url:
+        backend, client = make_backend(url, tmp_path / "models", predict_deadline_s=deadline, prewarm_queue=40)
+        tasks = [box_task(i, path) for i, path in enumerate(served)]
+        results, seconds = predict(client, tasks)
+        assert len(results) == count
+        answered = sum(1 for r in results if "result" in r)
+        deferred = sum(1 for r in results if r.get("deferred"))
+        assert answered >= 3 and answered + deferred == count and deferred > count // 2
+        assert seconds < deadline + 20.0, f"{seconds:.1f} s"  # the budget plus parsing 10,000 tasks twice
+        status = backend.prewarmer.status()
+        assert status["queued"] <= 40 and status["dropped"] >= deferred - 41, status
+        assert backend.prewarmer.wait_idle(120)
+
+
+def test_prewarm_yields_to_live_calls_and_tasks_created_queues_new_images(images, tmp_path):
+    with serve_files(images, TOKEN) as url:
+        backend, client = make_backend(url, tmp_path / "models")
+        new = [{"id": 50 + i, "data": {"image": p}, "project": 7} for i, p in enumerate(sorted(images)[:3])]
+        body = {"action": "TASKS_CREATED", "tasks": new, "project": {"id": 7, "label_config": CONFIG}}
+        with backend.prewarmer.live():  # a live call holds the thread back
+            response = client.post("/webhook", json=body)
+            assert response.status_code == 200 and response.get_json() == {"status": "prewarming", "queued": 3}
+            time.sleep(1.0)
+            assert backend.prewarmer.status()["queued"] == 3 and not backend.prewarmer.counts["embedded"]
+        assert backend.prewarmer.wait_idle(120)
+        assert backend.prewarmer.counts["embedded"] == 3
+        stored = list((tmp_path / "models" / "embeddings").rglob("*.safetensors"))
+        assert len(stored) == 3
+        assert len(backend.cache) == 0  # pre-warm writes to disk: memory stays for live calls
+        # the same tasks again: deduplicated against the cache, nothing recomputed
+        assert client.post("/webhook", json=body).get_json()["queued"] == 3
+        assert backend.prewarmer.wait_idle(60) and backend.prewarmer.counts["cached"] == 3
+        assert backend.prewarmer.counts["embedded"] == 3
+        # a body Label Studio would not send gets a clear 400
+        bad = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 7}})
+        assert bad.status_code == 400 and "tasks" in bad.get_json()["error"]
+        status = client.get("/prewarm/status").get_json()
+        assert status["embedded"] == 3 and status["queued"] == 0
+
+
+def fake_embedding(fill: float) -> Embedding:
+    return Embedding(torch.full((1, 256, 64, 64), float(fill)), (100, 100), (1024, 1024), 1024)
+
+
+def test_disk_cache_evicts_least_recently_used(tmp_path):
+    disk = DiskEmbeddings(tmp_path, max_mb=9)  # an embedding file is 4 MB: two fit
+    disk.put("enc/a", fake_embedding(1))
+    time.sleep(0.02)
+    disk.put("enc/b", fake_embedding(2))
+    time.sleep(0.02)
+    assert disk.get("enc/a") is not None  # a is now the most recently used
+    time.sleep(0.02)
+    disk.put("enc/c", fake_embedding(3))
+    assert disk.contains("enc/a") and disk.contains("enc/c") and not disk.contains("enc/b")
+    assert sum(size for _, size, _ in disk.files()) <= 9 * 2**20
+    # another process writing into the same folder keeps the bound too
+    other = DiskEmbeddings(tmp_path, max_mb=9)
+    writers = [threading.Thread(target=other.put, args=(f"enc/x{i}", fake_embedding(i))) for i in range(3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    other.put("enc/last", fake_embedding(7))
+    assert sum(size for _, size, _ in disk.files()) <= 9 * 2**20
+    assert torch.equal(other.get("enc/last").features, fake_embedding(7).features)
