@@ -23,7 +23,7 @@ from ml_backend.settings import Settings
 from tests.image_server import serve_files
 from tests.label_studio import rect_result, start_label_studio
 from tests.test_scale import CONFIG, TOKEN, box_task, distinct_images
-from trainer.images import decode_image
+from trainer.images import MAX_PIXELS, decode_image
 from trainer.types import Box, Prompts
 
 PER_SET = 16  # new images per measurement
@@ -58,6 +58,7 @@ def main() -> None:
     config = parse_label_config(CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        (tmp / "images").mkdir()
         paths = distinct_images(tmp / "images", 6 * PER_SET)
         sets = [paths[i * PER_SET:(i + 1) * PER_SET] for i in range(6)]
         files = {f"/data/upload/7/{p.name}": p for p in paths}
@@ -66,12 +67,12 @@ def main() -> None:
             settings = Settings(label_studio_url=image_host, label_studio_api_key=TOKEN, model_dir=tmp / "models")
             backend = SamBackend(settings)
             segmenter = backend.segmenter
-            segmenter.embed(decode_image(paths[-1].read_bytes()))  # warm-up
+            segmenter.embed(decode_image(paths[-1].read_bytes(), MAX_PIXELS))  # warm-up
 
             # 1. the bound: encoder + one box decode per new image, bare runtime
             encode_s, decode_s = [], []
             for path in sets[0]:
-                image = decode_image(path.read_bytes())
+                image = decode_image(path.read_bytes(), MAX_PIXELS)
                 started = time.perf_counter()
                 embedding = segmenter.embed(image)
                 encode_s.append(time.perf_counter() - started)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import torch
 from trainer.cache import EmbeddingCache, image_key
 from trainer.runtime import Segmenter
 
@@ -33,9 +34,10 @@ class Prewarmer:
     """A bounded, deduplicated queue of images and the thread that embeds them into the cache (to disk when
     the cache has one, so every worker and training share them; memory stays for live calls).
 
-    The thread runs at low scheduling priority and starts an image only while no live call of this process
-    is in `live()`; a live call that needs an image being pre-warmed waits for it instead of computing it
-    again (the cache is single-flight).
+    The thread runs at low scheduling priority and yields to live calls of this process (those inside
+    `live()`): it starts an image only while none runs, and an encode already running pauses at the next
+    encoder block (a forward pre-hook on every block) until they are done, unless a live call waits for that
+    very image (the cache is single-flight: it then finishes it for them).
     """
 
     def __init__(self, segmenter: Segmenter, cache: EmbeddingCache, max_queue: int) -> None:
@@ -49,6 +51,19 @@ class Prewarmer:
         self._busy = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._current_key: str | None = None
+        for module in segmenter.model.sam.image_encoder.modules():
+            if isinstance(module, torch.nn.ModuleList):
+                for block in module:
+                    block.register_forward_pre_hook(self._yield_point)
+
+    def _yield_point(self, module: torch.nn.Module, args: tuple) -> None:
+        """Inside the encoder, in the pre-warm thread only: wait while live calls run."""
+        if self._thread is None or threading.get_ident() != self._thread.ident:
+            return
+        with self._cond:
+            while self._live and not self.cache.waited_for(self._current_key):
+                self._cond.wait(0.05)
 
     def submit(self, jobs: Iterable[ImageJob]) -> int:
         """Queue images not already queued; returns how many were accepted (the rest: queued or queue full)."""
@@ -128,7 +143,11 @@ class Prewarmer:
             if self.cache.contains(key):
                 outcome = "cached"
             else:
-                self.cache.get_or_compute(key, lambda: self.segmenter.embed(image), keep_in_memory=False)
+                self._current_key = key
+                try:
+                    self.cache.get_or_compute(key, lambda: self.segmenter.embed(image), keep_in_memory=False)
+                finally:
+                    self._current_key = None
                 outcome = "embedded"
         except ImageError as exc:
             outcome = "failed"

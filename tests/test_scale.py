@@ -14,6 +14,7 @@ from PIL import Image
 
 from ml_backend.app import create_app
 from ml_backend.backend import SamBackend
+from ml_backend.protocol import parse_label_config as backend_config
 from ml_backend.settings import Settings
 from tests import dataset
 from tests.image_server import serve_files
@@ -133,6 +134,17 @@ def test_prewarm_yields_to_live_calls_and_tasks_created_queues_new_images(images
         assert bad.status_code == 400 and "tasks" in bad.get_json()["error"]
         status = client.get("/prewarm/status").get_json()
         assert status["embedded"] == 3 and status["queued"] == 0
+
+        # an encode already running pauses at the next encoder block while a live call runs
+        backend.prewarm_tasks("7", [{"id": 60, "data": {"image": sorted(images)[3]}}], backend_config(CONFIG))
+        deadline = time.monotonic() + 10
+        while backend.prewarmer._current_key is None:
+            assert time.monotonic() < deadline, "the pre-warm encode did not start"
+            time.sleep(0.01)
+        with backend.prewarmer.live():
+            time.sleep(4.0)  # three encodes' time
+            assert backend.prewarmer.counts["embedded"] == 3 and backend.prewarmer.status()["running"]
+        assert backend.prewarmer.wait_idle(60) and backend.prewarmer.counts["embedded"] == 4
 
 
 def fake_embedding(fill: float) -> Embedding:

@@ -5,7 +5,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
@@ -147,6 +147,7 @@ class EmbeddingCache:
         self._items: OrderedDict[str, Embedding] = OrderedDict()
         self._bytes = 0
         self._inflight: dict[str, Future] = {}
+        self._waiters: Counter[str] = Counter()  # callers waiting for another caller's computation, per key
         self._lock = threading.Lock()
 
     def get_or_compute(self, key: str, compute: Callable[[], Embedding],
@@ -164,8 +165,16 @@ class EmbeddingCache:
             owner = future is None
             if owner:
                 future = self._inflight[key] = Future()
+            else:
+                self._waiters[key] += 1
         if not owner:
-            return future.result(), True
+            try:
+                return future.result(), True
+            finally:
+                with self._lock:
+                    self._waiters[key] -= 1
+                    if not self._waiters[key]:
+                        del self._waiters[key]
         try:
             embedding = self.disk.get(key) if self.disk else None
             computed = embedding is None
@@ -186,6 +195,11 @@ class EmbeddingCache:
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
+
+    def waited_for(self, key: str | None) -> bool:
+        """Whether some caller waits for this key's computation, which another caller runs."""
+        with self._lock:
+            return bool(key and self._waiters.get(key))
 
     def contains(self, key: str) -> bool:
         """Whether the key is served without computing (memory or disk)."""
