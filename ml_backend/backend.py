@@ -121,7 +121,13 @@ class SamBackend:
                 key = image_key(self.segmenter.encoder_identity, image)
                 if not self.cache.contains(key) and time.monotonic() + self._new_image_s > deadline:
                     continue  # deferred; a later task may still be cached
-                results[index] = self._predict_task(task, image, key, query, served, version)
+                try:
+                    results[index] = self._predict_task(task, image, key, query, served, version)
+                except protocol.ProtocolError as exc:
+                    if query.interactive:
+                        raise  # the editor's one request: HTTP 400
+                    log.warning("task prompts refused", extra={"task": task.get("id"), "error": str(exc)})
+                    results[index] = protocol.failed(version, str(exc))  # one bad task never blocks the rest
         late = [index for index in need_image if results[index] is None]
         for index in late:
             results[index] = protocol.deferred(version)
@@ -173,6 +179,9 @@ class SamBackend:
         if len(prompts.boxes) > self.settings.max_boxes:
             raise protocol.ProtocolError(f"task {task.get('id')} has {len(prompts.boxes)} boxes; "
                                          f"at most {self.settings.max_boxes} (MAX_BOXES_PER_TASK)")
+        if len(prompts.points) > self.settings.max_clicks:
+            raise protocol.ProtocolError(f"task {task.get('id')} has {len(prompts.points)} clicks; "
+                                         f"at most {self.settings.max_clicks} (MAX_CLICKS_PER_TASK)")
         cached = False
         masks = []
         if prompts.boxes or prompts.points:

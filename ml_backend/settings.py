@@ -40,6 +40,7 @@ class Settings:
     auth_token: str | None = field(default=None, repr=False)       # AUTH_TOKEN: or "Authorization: Bearer <token>" on all routes but /health
     max_tasks: int = 100_000                 # MAX_TASKS_PER_REQUEST: a whole Data-Manager selection (the deadline defers the rest)
     max_boxes: int = 500                     # MAX_BOXES_PER_TASK
+    max_clicks: int = 100                    # MAX_CLICKS_PER_TASK: keypoints in one interactive prompt
     max_body_mb: float = 128.0               # MAX_BODY_MB: request body limit (10,000 tasks with boxes: ~30 MB)
     log_level: str = "INFO"                  # LOG_LEVEL
     redis_url: str | None = None             # REDIS_URL: run training jobs on RQ workers instead of embedded
@@ -65,7 +66,8 @@ class Settings:
         env = os.environ if environ is None else environ
         names = {"cache_mb": "EMBEDDING_CACHE_MB", "disk_cache": "EMBEDDING_DISK_CACHE",
                  "disk_cache_mb": "EMBEDDING_DISK_CACHE_MB",
-                 "max_tasks": "MAX_TASKS_PER_REQUEST", "max_boxes": "MAX_BOXES_PER_TASK"}
+                 "max_tasks": "MAX_TASKS_PER_REQUEST", "max_boxes": "MAX_BOXES_PER_TASK",
+                 "max_clicks": "MAX_CLICKS_PER_TASK"}
         values = {}
         for setting in fields(cls):
             raw = env.get(names.get(setting.name, setting.name.upper()))
