@@ -73,7 +73,8 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     @app.get("/")
     def index():
         return jsonify(status="UP", model_class="SamBackend", model_version=backend.model_version(None),
-                       endpoints=["/health", "/setup", "/predict", "/webhook", "/prewarm", "/prelabel", "/train/status"])
+                       endpoints=["/health", "/setup", "/predict", "/webhook", "/versions", "/prewarm", "/prelabel",
+                                  "/train/status"])
 
     @app.post("/setup")
     def setup():
@@ -109,6 +110,14 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         event_id, job_id = training.record(event.project, event.action, event.annotations)
         g.log = {"action": event.action, "project": event.project, "event": event_id, "job": job_id}
         return jsonify(status="recorded", event=event_id, job=job_id)
+
+    @app.get("/versions")
+    def versions():
+        """Label Studio 1.23's model-versions list (it sends no project): the served model_version of every
+        project (or of ?project=<id>) and every version kept, as model_version strings, base first."""
+        project = protocol.project_id(request.args.get("project"))
+        return jsonify(versions=training.model_versions(backend.segmenter, project),
+                       model_version=backend.model_version(project))
 
     @app.post("/prewarm")
     def prewarm():

@@ -21,6 +21,7 @@ from trainer.runtime import Segmenter
 from trainer.types import Prompts
 
 from . import protocol
+from .compute import ComputeSlots
 from .fetch import ImageError, ImageFetcher, ImageSource, image_source
 from .label_studio import ConnectError, LabelStudioClient, connection_path, save_connection
 from .netpolicy import parse_allowed_hosts
@@ -72,6 +73,7 @@ class SamBackend:
                 else None)
         self.cache = EmbeddingCache(settings.cache_mb, disk)
         self.prewarmer = Prewarmer(self.segmenter, self.cache, settings.prewarm_queue)
+        self.slots = ComputeSlots(settings.predict_concurrency)
         self._new_image_s = 0.0  # moving average of a new image's encode + decodes
         self.decoders = ActiveDecoders(settings.model_dir, self.segmenter)
         self._loaders: dict[ImageSource, ImageFetcher] = {}
@@ -122,7 +124,10 @@ class SamBackend:
                 if not self.cache.contains(key) and time.monotonic() + self._new_image_s > deadline:
                     continue  # deferred; a later task may still be cached
                 try:
-                    results[index] = self._predict_task(task, image, key, query, served, version)
+                    with self.slots.slot(query.interactive, timeout_s=self._time_left(deadline)) as got:
+                        if not got:
+                            continue  # deferred: the deadline passed while other tasks computed
+                        results[index] = self._predict_task(task, image, key, query, served, version)
                 except protocol.ProtocolError as exc:
                     if query.interactive:
                         raise  # the editor's one request: HTTP 400
@@ -154,8 +159,7 @@ class SamBackend:
             while ahead:
                 index, future = ahead.popleft()
                 try:
-                    wait = None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
-                    image = future.result(timeout=wait)
+                    image = future.result(timeout=self._time_left(deadline))
                 except FutureTimeout:
                     return
                 except (ImageError, protocol.ProtocolError) as exc:
@@ -167,6 +171,10 @@ class SamBackend:
         finally:
             for _, future in ahead:
                 future.cancel()
+
+    @staticmethod
+    def _time_left(deadline: float) -> float | None:
+        return None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
 
     def _predict_task(self, task: dict, image: np.ndarray, key: str, query: protocol.PredictRequest,
                       served, version: str) -> dict:

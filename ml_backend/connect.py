@@ -6,11 +6,15 @@
 Label Studio is reached at LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY (a legacy token or a personal access
 token); --url is the backend URL *as Label Studio sees it* (default: $BACKEND_URL, else http://localhost:9090).
 Label Studio then checks the backend's /health and /setup itself and creates the project's /webhook.
-Exit code 0 when every project is connected (now or before), 2 on any failure.
+With BASIC_AUTH_USER / BASIC_AUTH_PASS set (the backend's own credentials), the connection uses Label Studio's
+"Use basic auth" and the project's ML webhook carries the same credentials as a header; running it again
+repairs a connection made without them. Exit code 0 when every project is connected (now or before), 2 on any
+failure.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import re
 import sys
 
@@ -36,9 +40,34 @@ def _check_config(project: dict) -> str | None:
     return None
 
 
+def webhook_headers(basic_auth: tuple[str, str] | None) -> dict[str, str]:
+    """The header Label Studio's ML webhook needs to pass the backend's basic auth."""
+    if basic_auth is None:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode()}
+
+
+def ensure_webhook_auth(ls: LabelStudioClient, project_id: int, backend_url: str,
+                        basic_auth: tuple[str, str] | None) -> str:
+    """Make the project's webhook to `backend_url`/webhook send the credentials (Label Studio creates it
+    without any); returns what was done."""
+    url = backend_url.rstrip("/") + "/webhook"
+    wanted = webhook_headers(basic_auth)
+    hooks = [h for h in ls.webhooks(project_id) if _same_url(h.get("url", ""), url)]
+    if not hooks:
+        ls.create_webhook(project_id, url, wanted)
+        return "webhook created"
+    changed = [h for h in hooks if (h.get("headers") or {}).get("Authorization") != wanted.get("Authorization")]
+    for hook in changed:
+        headers = {k: v for k, v in (hook.get("headers") or {}).items() if k.lower() != "authorization"}
+        ls.set_webhook_headers(int(hook["id"]), {**headers, **wanted})
+    return "webhook credentials updated" if changed else "webhook ok"
+
+
 def connect_project(ls: LabelStudioClient, project_id: int, backend_url: str, title: str,
-                    interactive: bool) -> tuple[str, int]:
-    """Connect one project; returns ("connected" | "already connected", ML backend id)."""
+                    interactive: bool, basic_auth: tuple[str, str] | None = None) -> tuple[str, int]:
+    """Connect one project (with the backend's basic auth, if any, for its calls and its webhook); returns
+    ("connected" or "already connected" with what was repaired, ML backend id)."""
     try:
         project = ls.project(project_id)
     except HTTPFailure as exc:
@@ -54,9 +83,16 @@ def connect_project(ls: LabelStudioClient, project_id: int, backend_url: str, ti
     existing = ls.ml_backends(project_id)
     for ml in existing:
         if _same_url(ml.get("url", ""), backend_url):
-            return "already connected", int(ml["id"])
+            outcome = "already connected"
+            if basic_auth or ml.get("auth_method") == "BASIC_AUTH":  # the password is write-only: always set it
+                ls.set_ml_backend_auth(int(ml["id"]), project_id, ml["url"], basic_auth)
+                outcome += ", credentials set" if basic_auth else ", credentials removed"
+            webhook = ensure_webhook_auth(ls, project_id, backend_url, basic_auth)
+            if webhook != "webhook ok":
+                outcome += f", {webhook}"
+            return outcome, int(ml["id"])
     try:
-        created = ls.create_ml_backend(project_id, backend_url, title, interactive)
+        created = ls.create_ml_backend(project_id, backend_url, title, interactive, basic_auth)
     except HTTPFailure as exc:
         hints = []
         text = str(exc).lower()
@@ -68,8 +104,12 @@ def connect_project(ls: LabelStudioClient, project_id: int, backend_url: str, ti
                          "from the Label Studio server (in docker-compose: http://sam-backend:9090)")
         if "setup" in text or "valid ml backend" in text:
             hints.append("the backend answered /setup with an error: see its log")
+        if "401" in text or "unauthorized" in text:
+            hints.append("the backend asks for credentials: run connect with the backend's BASIC_AUTH_USER and "
+                         "BASIC_AUTH_PASS set")
         raise ConnectError(f"Label Studio refused to connect project {project_id} to {backend_url}: {exc}"
                            + "".join(f"\n  hint: {h}" for h in hints)) from None
+    ensure_webhook_auth(ls, project_id, backend_url, basic_auth)
     return "connected", int(created["id"])
 
 
@@ -103,6 +143,12 @@ def run(args: argparse.Namespace) -> int:
         return fail("no Label Studio token: set LABEL_STUDIO_API_KEY or pass --api-key")
     if not re.match(r"^https?://[^/\s]+", args.url):
         return fail(f"--url {args.url!r} is not an http(s) URL")
+    settings = args.settings
+    basic_auth = ((settings.basic_auth_user, settings.basic_auth_pass)
+                  if settings.basic_auth_user and settings.basic_auth_pass else None)
+    if basic_auth is None and settings.auth_token:
+        return fail("the backend requires a bearer token (AUTH_TOKEN), which Label Studio cannot send: set "
+                    "BASIC_AUTH_USER and BASIC_AUTH_PASS (Label Studio's \"Use basic auth\") for Label Studio")
 
     ls = LabelStudioClient(args.label_studio_url, args.api_key)
     failures = 0
@@ -127,10 +173,11 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     for project_id in targets:
         try:
-            outcome, ml_id = connect_project(ls, project_id, args.url, args.title, args.interactive)
+            outcome, ml_id = connect_project(ls, project_id, args.url, args.title, args.interactive, basic_auth)
         except ConnectError as exc:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)
             continue
-        print(f"project {project_id}: {outcome} to {args.url} (ML backend id {ml_id})")
+        print(f"project {project_id}: {outcome} to {args.url} (ML backend id {ml_id}"
+              f"{', basic auth' if basic_auth else ''})")
     return EXIT_FAILED if failures else 0

@@ -162,6 +162,13 @@ def _error_text(body: Any) -> str:
     return " ".join(text.split())[:1500]
 
 
+def _auth_fields(basic_auth: tuple[str, str] | None) -> dict:
+    """Label Studio's ML backend auth fields: its "Use basic auth" with these credentials, or none."""
+    if basic_auth is None:
+        return {"auth_method": "NONE", "basic_auth_user": "", "basic_auth_pass": ""}
+    return {"auth_method": "BASIC_AUTH", "basic_auth_user": basic_auth[0], "basic_auth_pass": basic_auth[1]}
+
+
 class LabelStudioClient:
     """The calls `connect` makes, through label-studio-sdk (which takes either token kind and exchanges a
     personal access token itself); every failure is a ConnectError whose message says what to fix."""
@@ -236,9 +243,28 @@ class LabelStudioClient:
     def ml_backends(self, project_id: int) -> list[dict]:
         return self._call("/api/ml", lambda: self.sdk.ml.list(project=project_id))
 
-    def create_ml_backend(self, project_id: int, url: str, title: str, interactive: bool) -> dict:
+    def create_ml_backend(self, project_id: int, url: str, title: str, interactive: bool,
+                          basic_auth: tuple[str, str] | None = None) -> dict:
         return self._call("/api/ml", lambda: self.sdk.ml.create(project=project_id, url=url, title=title,
-                                                                  is_interactive=interactive))
+                                                                  is_interactive=interactive,
+                                                                  **(_auth_fields(basic_auth) if basic_auth else {})))
+
+    def set_ml_backend_auth(self, ml_id: int, project_id: int, url: str, basic_auth: tuple[str, str] | None) -> dict:
+        """Label Studio checks the connection again (its /health and /setup) on every update: it needs the URL
+        and the project with the credentials."""
+        return self._call(f"/api/ml/{ml_id}", lambda: self.sdk.ml.update(id=ml_id, project=project_id, url=url,
+                                                                        **_auth_fields(basic_auth)))
+
+    def webhooks(self, project_id: int) -> list[dict]:
+        return self._call("/api/webhooks", lambda: self.sdk.webhooks.list(project=str(project_id)))
+
+    def set_webhook_headers(self, webhook_id: int, headers: dict[str, str]) -> dict:
+        return self._call(f"/api/webhooks/{webhook_id}", lambda: self.sdk.webhooks.update(id=webhook_id,
+                                                                                           headers=headers))
+
+    def create_webhook(self, project_id: int, url: str, headers: dict[str, str]) -> dict:
+        return self._call("/api/webhooks", lambda: self.sdk.webhooks.create(
+            project=project_id, url=url, send_payload=True, send_for_all_actions=True, headers=headers))
 
     def wait_healthy(self, seconds: float) -> None:
         """Poll Label Studio's /health (not an API call: the SDK has none) for up to `seconds`."""

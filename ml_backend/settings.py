@@ -26,6 +26,7 @@ class Settings:
     disk_cache: bool = True                  # EMBEDDING_DISK_CACHE: also keep embeddings under MODEL_DIR
     disk_cache_mb: float = 8192.0            # EMBEDDING_DISK_CACHE_MB: disk embedding cache bound (LRU by last use)
     predict_deadline_s: float = 75.0         # PREDICT_DEADLINE_S: time budget of one /predict, below Label Studio's ML_TIMEOUT_PREDICT (default 100)
+    predict_concurrency: int = 2             # PREDICT_CONCURRENCY: tasks a worker computes at once (editor calls first)
     prefetch_images: int = 4                 # PREFETCH_IMAGES: decoded images in flight per /predict call
     prewarm: bool = True                     # PREWARM: embed deferred and newly imported tasks' images in the background
     prewarm_queue: int = 20000               # PREWARM_QUEUE: images waiting to be pre-warmed, at most

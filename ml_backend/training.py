@@ -70,6 +70,20 @@ class Training:
         self._wake(job_id)
         return job_id, new
 
+    def model_versions(self, segmenter, project: str | None = None) -> list[str]:
+        """model_version strings: the base model's, then every kept version of the project (of every project
+        when None), newest first."""
+        root = self.settings.model_dir / "projects"
+        names = [project] if project else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        kept = []
+        for name in names:
+            try:
+                kept += [segmenter.model_version(v.version) for v in reversed(Registry(self.settings.model_dir,
+                                                                                      name).versions())]
+            except RegistryError:
+                continue
+        return list(dict.fromkeys([segmenter.model_version(BASE_VERSION), *kept]))
+
     def _wake(self, job_id: int) -> None:
         """Tell RQ when the job is due (the embedded and worker runners poll the store)."""
         if self._queue is not None:

@@ -68,6 +68,12 @@ def test_health_index_setup(client):
     assert client.get("/").get_json()["model_version"] == version["model_version"]
 
 
+def test_versions_for_label_studios_model_version_list(client):
+    body = client.get("/versions").get_json()
+    assert body["versions"][0] == body["model_version"] and body["model_version"].endswith("@base")
+    assert client.get("/versions?project=1").get_json()["versions"] == body["versions"]  # nothing trained yet
+
+
 def test_batch_predict_one_result_per_task_in_order(client):
     tasks = [task(6, 9), task(13, 0, task_id=100), task(18, 5)]
     response = predict(client, tasks)

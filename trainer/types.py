@@ -66,6 +66,12 @@ class Embedding:
     def nbytes(self) -> int:
         return self.features.element_size() * self.features.nelement()
 
+    def to(self, device: torch.device) -> "Embedding":
+        """The same embedding with its features on `device` (itself when they are there already)."""
+        if self.features.device == device:
+            return self
+        return Embedding(self.features.to(device), self.original_size, self.resized_size, self.input_size)
+
     # The one mapping between original pixels and the model's input frame (and its feature grid).
     @property
     def input_scale(self) -> tuple[float, float]:
