@@ -36,6 +36,7 @@ LOAD_S = 45.0
 CLIENTS = 4
 BURST, BURST_THREADS = 500, 8
 OUT = Path(__file__).parent / "results" / "webhooks.json"
+ONLY = os.environ.get("WEBHOOK_BENCH_ONLY")  # run one configuration (a name prefix), for experiments
 CONFIGS = {"now (16 threads, PREDICT_CONCURRENCY=2)": {"THREADS": "16", "PREDICT_CONCURRENCY": "2"},
            "before (4 threads, no compute slots)": {"THREADS": "4", "PREDICT_CONCURRENCY": "1000"}}
 
@@ -179,13 +180,16 @@ def main() -> None:
                   "burst_threads": BURST_THREADS, "trainer_nice": 10, "configs": {}}
         with serve_files(files, TOKEN) as image_host:
             for index, (name, config) in enumerate(CONFIGS.items()):
+                if ONLY and not name.startswith(ONLY):
+                    continue
                 work = tmp / f"run{index}"
                 work.mkdir()
                 half = urls[index * 120:(index + 1) * 120]  # new images for each configuration
                 result["configs"][name] = {"env": config, **measure(name, config, image_host, half, work)}
         result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    if not ONLY:
+        OUT.parent.mkdir(exist_ok=True)
+        OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

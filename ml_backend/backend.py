@@ -9,6 +9,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import numpy as np
@@ -21,7 +22,7 @@ from trainer.runtime import Segmenter
 from trainer.types import Prompts
 
 from . import protocol
-from .compute import ComputeSlots
+from .compute import ComputePool, Deferred
 from .fetch import ImageError, ImageFetcher, ImageSource, image_source
 from .label_studio import ConnectError, LabelStudioClient, connection_path, save_connection
 from .netpolicy import parse_allowed_hosts
@@ -73,7 +74,7 @@ class SamBackend:
                 else None)
         self.cache = EmbeddingCache(settings.cache_mb, disk)
         self.prewarmer = Prewarmer(self.segmenter, self.cache, settings.prewarm_queue)
-        self.slots = ComputeSlots(settings.predict_concurrency)
+        self.compute = ComputePool(settings.predict_concurrency)
         self._new_image_s = 0.0  # moving average of a new image's encode + decodes
         self.decoders = ActiveDecoders(settings.model_dir, self.segmenter)
         self._loaders: dict[ImageSource, ImageFetcher] = {}
@@ -123,11 +124,11 @@ class SamBackend:
                 key = image_key(self.segmenter.encoder_identity, image)
                 if not self.cache.contains(key) and time.monotonic() + self._new_image_s > deadline:
                     continue  # deferred; a later task may still be cached
+                work = partial(self._predict_task, task, image, key, query, served, version)
                 try:
-                    with self.slots.slot(query.interactive, timeout_s=self._time_left(deadline)) as got:
-                        if not got:
-                            continue  # deferred: the deadline passed while other tasks computed
-                        results[index] = self._predict_task(task, image, key, query, served, version)
+                    results[index] = self.compute.run(work, query.interactive, self._time_left(deadline))
+                except Deferred:
+                    continue  # the deadline passed while other tasks computed
                 except protocol.ProtocolError as exc:
                     if query.interactive:
                         raise  # the editor's one request: HTTP 400

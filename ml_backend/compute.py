@@ -1,43 +1,69 @@
-"""How many tasks a worker computes at once (encoder + decoder), with the editor's calls first.
+"""Where a worker's model work runs: a few low-priority threads, with the editor's calls first.
 
-gunicorn gives every request a thread; the slots keep the CPU (or GPU) from being shared by more tasks than
-pays, so that threads stay free for light requests (webhooks, /setup) and a Retrieve predictions batch, which
-takes a slot per task, lets an interactive click in after at most one task.
+gunicorn gives every request a thread; the model work of /predict (encoder + decoder, per task) runs instead in
+PREDICT_CONCURRENCY compute threads at a lower scheduling priority (nice 5; their torch threads inherit it), so
+that request threads stay free and quick for light requests (webhooks, /setup) however busy the CPU is. A
+Retrieve predictions batch queues one task at a time, so an interactive click waits for at most one task.
 """
 from __future__ import annotations
 
+import itertools
+import os
+import queue
 import threading
-from contextlib import contextmanager
-from typing import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+NICENESS = 5
 
 
-class ComputeSlots:
-    """At most `slots` holders at once; waiting interactive callers go before waiting batch callers."""
+class Deferred(Exception):
+    """The work did not start before its deadline."""
 
-    def __init__(self, slots: int) -> None:
-        self._free = max(1, slots)
-        self._interactive_waiting = 0
-        self._cond = threading.Condition()
 
-    @contextmanager
-    def slot(self, interactive: bool, timeout_s: float | None = None) -> Iterator[bool]:
-        """Hold a slot for the block; yields False (holding none) when `timeout_s` passed first."""
-        with self._cond:
-            if interactive:
-                self._interactive_waiting += 1
-            try:
-                got = self._cond.wait_for(
-                    lambda: self._free > 0 and (interactive or not self._interactive_waiting), timeout_s)
-            finally:
-                if interactive:
-                    self._interactive_waiting -= 1
-            if got:
-                self._free -= 1
-            self._cond.notify_all()  # batch callers held back by this interactive one look again
+class ComputePool:
+    """`workers` threads at `niceness`; queued interactive work runs before queued batch work, FIFO within each."""
+
+    def __init__(self, workers: int, niceness: int = NICENESS) -> None:
+        self.workers = max(1, workers)
+        self.niceness = niceness
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[], T], interactive: bool, timeout_s: float | None = None) -> T:
+        """work() in a compute thread; its result or its exception. Deferred when it has not started within
+        `timeout_s` (once started it runs to its end)."""
+        self._start()
+        future: Future = Future()
+        self._queue.put((0 if interactive else 1, next(self._order), work, future))
         try:
-            yield got
-        finally:
-            if got:
-                with self._cond:
-                    self._free += 1
-                    self._cond.notify_all()
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            if future.cancel():
+                raise Deferred() from None
+            return future.result()
+
+    def _start(self) -> None:
+        with self._lock:
+            while len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._serve, name=f"compute-{len(self._threads)}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _serve(self) -> None:
+        try:  # Linux: a thread's nice value is its own, and the torch threads it starts inherit it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.niceness)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            _, _, work, future = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)

@@ -3,6 +3,7 @@ background pre-warm), TASKS_CREATED pre-warm, and the disk embedding cache bound
 from a local stand-in host). The same through a real Label Studio: tests/test_e2e_scale.py."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 
 from ml_backend.app import create_app
 from ml_backend.backend import SamBackend
-from ml_backend.compute import ComputeSlots
+from ml_backend.compute import NICENESS, ComputePool, Deferred
 from ml_backend.protocol import parse_label_config as backend_config
 from ml_backend.settings import Settings
 from tests import dataset
@@ -30,17 +31,23 @@ CONFIG = """<View><Image name="image" value="$image"/>
 
 
 def distinct_images(folder: Path, count: int) -> list[Path]:
-    """`count` images with distinct pixels: the dataset's train images, each also flipped both ways."""
+    """`count` images with distinct pixels: the dataset's train images, each also flipped both ways (then
+    transposed, and transposed and flipped, when more are needed)."""
+    variants = ((lambda p: p, lambda p: p[:, ::-1], lambda p: p[::-1]),
+                (lambda p: p.transpose(1, 0, 2), lambda p: p.transpose(1, 0, 2)[::-1, ::-1]))
     paths = []
-    for image_id in dataset.splits()["train"]:
-        pixels = dataset.load_image(image_id)
-        for variant in (pixels, pixels[:, ::-1], pixels[::-1]):
-            if len(paths) == count:
-                return paths
-            path = folder / f"{len(paths):05d}.png"
-            Image.fromarray(np.ascontiguousarray(variant)).save(path)
-            paths.append(path)
-    raise ValueError(f"the dataset makes fewer than {count} distinct images")
+    for group in variants:
+        for image_id in dataset.splits()["train"]:
+            pixels = dataset.load_image(image_id)
+            for variant in group:
+                if len(paths) == count:
+                    return paths
+                path = folder / f"{len(paths):05d}.png"
+                Image.fromarray(np.ascontiguousarray(variant(pixels))).save(path)
+                paths.append(path)
+    if len(paths) < count:
+        raise ValueError(f"the dataset makes fewer than {count} distinct images")
+    return paths
 
 
 def box_task(task_id: int, url: str, with_box: bool = True) -> dict:
@@ -175,25 +182,35 @@ def test_disk_cache_evicts_least_recently_used(tmp_path):
     assert torch.equal(other.get("enc/last").features, fake_embedding(7).features)
 
 
-def test_compute_slots_let_the_editor_in_first():
-    slots = ComputeSlots(1)
+def test_compute_pool_runs_the_editors_work_first():
+    pool = ComputePool(1)
     order: list[str] = []
+    gate = threading.Event()
 
-    def wait(name: str, interactive: bool) -> None:
-        with slots.slot(interactive) as got:
-            assert got
+    def work(name: str):
+        def run() -> str:
             order.append(name)
-            time.sleep(0.05)
+            return name
+        return run
 
-    with slots.slot(False):
-        batch = threading.Thread(target=wait, args=("batch", False))
-        batch.start()
-        time.sleep(0.2)  # the batch task waits first
-        editor = threading.Thread(target=wait, args=("editor", True))
-        editor.start()
-        time.sleep(0.2)
-        with slots.slot(False, timeout_s=0.1) as got:
-            assert not got  # the slot is taken: a deadline passes
-    batch.join(5)
-    editor.join(5)
+    def blocker() -> None:
+        gate.wait(5)
+
+    threads = [threading.Thread(target=pool.run, args=(blocker, False))]
+    threads[0].start()
+    time.sleep(0.2)  # the one compute thread is busy
+    for name, interactive in (("batch", False), ("editor", True)):
+        threads.append(threading.Thread(target=pool.run, args=(work(name), interactive)))
+        threads[-1].start()
+        time.sleep(0.1)
+    with pytest.raises(Deferred):  # queued past its deadline: never started
+        pool.run(work("late"), False, timeout_s=0.1)
+    gate.set()
+    for thread in threads:
+        thread.join(5)
     assert order == ["editor", "batch"]
+    assert pool.run(lambda: 7, True) == 7
+    with pytest.raises(ZeroDivisionError):
+        pool.run(lambda: 1 / 0, False)
+    nice = os.getpriority(os.PRIO_PROCESS, pool._threads[0].native_id) - os.getpriority(os.PRIO_PROCESS, 0)
+    assert nice == NICENESS or os.getpriority(os.PRIO_PROCESS, 0) + NICENESS > 19
