@@ -73,7 +73,7 @@ class SamBackend:
         disk = (DiskEmbeddings(settings.model_dir / "embeddings", settings.disk_cache_mb) if settings.disk_cache
                 else None)
         self.cache = EmbeddingCache(settings.cache_mb, disk)
-        self.prewarmer = Prewarmer(self.segmenter, self.cache, settings.prewarm_queue)
+        self.prewarmer = Prewarmer(self.segmenter, self.cache, settings.prewarm_queue, settings.encoder_batch_size)
         self.compute = ComputePool(settings.predict_concurrency)
         self._new_image_s = 0.0  # moving average of a new image's encode + decodes
         self.decoders = ActiveDecoders(settings.model_dir, self.segmenter)
@@ -248,6 +248,13 @@ class SamBackend:
         except (ConnectError, protocol.ProtocolError) as exc:
             log.warning("prewarm listing failed", extra={"project": project, "error": str(exc)})
         log.info("prewarm project listed", extra={"project": project, "tasks": listed, "queued": queued})
+
+    def embed_ahead(self, project: str | None, tasks: list[dict], config: protocol.LabelConfig) -> None:
+        """Encode the tasks' new images now, ENCODER_BATCH at a time (bulk jobs on a GPU), so that predicting
+        them finds their embeddings cached. Nothing to do where batching does not pay."""
+        if self.prewarmer.batch > 1:
+            self.prewarmer.submit(self._image_jobs(self._loader(project), tasks, config))
+            self.prewarmer.wait_idle(3600)
 
     @staticmethod
     def _image_jobs(loader: ImageFetcher, tasks: list[dict], config: protocol.LabelConfig) -> Iterator[ImageJob]:

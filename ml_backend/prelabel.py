@@ -89,6 +89,7 @@ def _prelabel_page(backend: SamBackend, client: LabelStudioClient, project: str,
             todo.append(task)
     for start in range(0, len(todo), BATCH):
         batch = todo[start:start + BATCH]
+        backend.embed_ahead(project, batch, config)
         posted = []
         for task, entry in zip(batch, _predict(backend, batch, config, project)):
             if "error" in entry:

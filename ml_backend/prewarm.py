@@ -40,10 +40,11 @@ class Prewarmer:
     very image (the cache is single-flight: it then finishes it for them).
     """
 
-    def __init__(self, segmenter: Segmenter, cache: EmbeddingCache, max_queue: int) -> None:
+    def __init__(self, segmenter: Segmenter, cache: EmbeddingCache, max_queue: int, batch: int = 1) -> None:
         self.segmenter = segmenter
         self.cache = cache
         self.max_queue = max_queue
+        self.batch = max(1, batch)  # images per encoder forward (more than 1 pays on a GPU)
         self.counts: Counter[str] = Counter()
         self._queue: deque[ImageJob] = deque()
         self._pending: set[tuple[int, str]] = set()
@@ -51,7 +52,7 @@ class Prewarmer:
         self._busy = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._current_key: str | None = None
+        self._current_keys: tuple[str, ...] = ()
         for module in segmenter.model.sam.image_encoder.modules():
             if isinstance(module, torch.nn.ModuleList):
                 for block in module:
@@ -62,7 +63,7 @@ class Prewarmer:
         if self._thread is None or threading.get_ident() != self._thread.ident:
             return
         with self._cond:
-            while self._live and not self.cache.waited_for(self._current_key):
+            while self._live and not any(self.cache.waited_for(key) for key in self._current_keys):
                 self._cond.wait(0.05)
 
     def submit(self, jobs: Iterable[ImageJob]) -> int:
@@ -125,36 +126,54 @@ class Prewarmer:
             with self._cond:
                 while not self._queue or self._live:
                     self._cond.wait()
-                job = self._queue.popleft()
+                jobs = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
                 self._busy = True
             try:
-                self._warm(job)
+                self._warm(jobs)
             finally:
                 with self._cond:
-                    self._pending.discard((id(job.loader), job.url))
+                    for job in jobs:
+                        self._pending.discard((id(job.loader), job.url))
                     self._busy = False
                     self._cond.notify_all()
 
-    def _warm(self, job: ImageJob) -> None:
+    def _warm(self, jobs: list[ImageJob]) -> None:
+        """Load the images; embed the ones not cached (one forward for all of them when batching)."""
         started = time.perf_counter()
-        try:
-            image = job.loader.load(job.url, job.task_id)
+        new = []
+        for job in jobs:
+            try:
+                image = job.loader.load(job.url, job.task_id)
+            except ImageError as exc:
+                log.warning("prewarm image failed", extra={"task": job.task_id, "error": str(exc)})
+                self._done(job, "failed", started)
+                continue
             key = image_key(self.segmenter.encoder_identity, image)
             if self.cache.contains(key):
-                outcome = "cached"
+                self._done(job, "cached", started)
             else:
-                self._current_key = key
-                try:
-                    self.cache.get_or_compute(key, lambda: self.segmenter.embed(image), keep_in_memory=False)
-                finally:
-                    self._current_key = None
-                outcome = "embedded"
-        except ImageError as exc:
-            outcome = "failed"
-            log.warning("prewarm image failed", extra={"task": job.task_id, "error": str(exc)})
+                new.append((job, image, key))
+        if not new:
+            return
+        self._current_keys = tuple(key for _, _, key in new)
+        try:
+            if len(new) == 1:  # single-flight with live calls that want the same image
+                (_, image, key), = new
+                self.cache.get_or_compute(key, lambda: self.segmenter.embed(image), keep_in_memory=False)
+            else:
+                for (_, _, key), embedding in zip(new, self.segmenter.embed_many([image for _, image, _ in new])):
+                    self.cache.put(key, embedding, keep_in_memory=False)
+            outcome = "embedded"
         except Exception as exc:  # never let one image stop the thread
+            log.exception("prewarm error", extra={"tasks": [job.task_id for job, _, _ in new],
+                                                  "error": type(exc).__name__})
             outcome = "failed"
-            log.exception("prewarm error", extra={"task": job.task_id, "error": type(exc).__name__})
+        finally:
+            self._current_keys = ()
+        for job, _, _ in new:
+            self._done(job, outcome, started)
+
+    def _done(self, job: ImageJob, outcome: str, started: float) -> None:
         self.counts[outcome] += 1
         log.info("prewarm image", extra={"task": job.task_id, "outcome": outcome, "queued": len(self._queue),
                                          "ms": round(1000 * (time.perf_counter() - started), 1)})

@@ -27,6 +27,7 @@ class Settings:
     disk_cache_mb: float = 8192.0            # EMBEDDING_DISK_CACHE_MB: disk embedding cache bound (LRU by last use)
     predict_deadline_s: float = 75.0         # PREDICT_DEADLINE_S: time budget of one /predict, below Label Studio's ML_TIMEOUT_PREDICT (default 100)
     predict_concurrency: int = 2             # PREDICT_CONCURRENCY: tasks a worker computes at once (editor calls first)
+    encoder_batch: int = 0                   # ENCODER_BATCH: images per encoder forward in pre-warm and bulk jobs (0: 8 on CUDA, 1 on CPU, where batching does not pay)
     prefetch_images: int = 4                 # PREFETCH_IMAGES: decoded images in flight per /predict call
     prewarm: bool = True                     # PREWARM: embed deferred and newly imported tasks' images in the background
     prewarm_queue: int = 20000               # PREWARM_QUEUE: images waiting to be pre-warmed, at most
@@ -61,6 +62,12 @@ class Settings:
         if self.training_runner != "auto":
             return self.training_runner
         return "rq" if self.redis_url else "embedded"
+
+    @property
+    def encoder_batch_size(self) -> int:
+        if self.encoder_batch > 0:
+            return self.encoder_batch
+        return 8 if self.device.startswith("cuda") else 1
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":

@@ -176,3 +176,10 @@ def test_hostile_pickle_checkpoint_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot read"):
         load_model("lite_medsam", hostile)
     assert not os.path.exists(target)
+
+
+def test_embed_many_is_embed_in_one_forward(segmenter):
+    images = [dataset.load_image(IMAGE_ID), dataset.load_image(dataset.splits()["test"][3])]
+    for one, batched in zip([segmenter.embed(i) for i in images], segmenter.embed_many(images)):
+        assert torch.allclose(one.features, batched.features, atol=1e-4)
+        assert (one.original_size, one.resized_size) == (batched.original_size, batched.resized_size)

@@ -146,7 +146,7 @@ def test_prewarm_yields_to_live_calls_and_tasks_created_queues_new_images(images
         # an encode already running pauses at the next encoder block while a live call runs
         backend.prewarm_tasks("7", [{"id": 60, "data": {"image": sorted(images)[3]}}], backend_config(CONFIG))
         deadline = time.monotonic() + 10
-        while backend.prewarmer._current_key is None:
+        while not backend.prewarmer._current_keys:
             assert time.monotonic() < deadline, "the pre-warm encode did not start"
             time.sleep(0.01)
         with backend.prewarmer.live():
@@ -214,3 +214,15 @@ def test_compute_pool_runs_the_editors_work_first():
         pool.run(lambda: 1 / 0, False)
     nice = os.getpriority(os.PRIO_PROCESS, pool._threads[0].native_id) - os.getpriority(os.PRIO_PROCESS, 0)
     assert nice == NICENESS or os.getpriority(os.PRIO_PROCESS, 0) + NICENESS > 19
+
+
+def test_batched_prewarm_embeds_every_image(images, tmp_path):
+    """ENCODER_BATCH > 1 (the default on a GPU): several new images per encoder forward."""
+    with serve_files(images, TOKEN) as url:
+        backend, client = make_backend(url, tmp_path / "models", encoder_batch=3)
+        new = [{"id": 70 + i, "data": {"image": p}} for i, p in enumerate(sorted(images)[4:8])]
+        assert backend.prewarm_tasks("7", new, backend_config(CONFIG)) == 4
+        assert backend.prewarmer.wait_idle(120) and backend.prewarmer.counts["embedded"] == 4
+        assert len(list((tmp_path / "models" / "embeddings").rglob("*.safetensors"))) == 4
+        results, _ = predict(client, [box_task(i, p) for i, p in enumerate(sorted(images)[4:8])])
+        assert all(r["result"] for r in results)

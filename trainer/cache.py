@@ -197,6 +197,17 @@ class EmbeddingCache:
             with self._lock:
                 self._inflight.pop(key, None)
 
+    def put(self, key: str, embedding: Embedding, keep_in_memory: bool = True) -> None:
+        """Store an embedding computed elsewhere (a batch): on disk when there is one, in memory if asked
+        (or when there is no disk)."""
+        if self.disk:
+            try:
+                self.disk.put(key, embedding)
+            except OSError as exc:
+                log.warning("embedding not written to disk", extra={"error": str(exc)})
+        if keep_in_memory or not self.disk:
+            self._store(key, embedding)
+
     def waited_for(self, key: str | None) -> bool:
         """Whether some caller waits for this key's computation, which another caller runs."""
         with self._lock:
