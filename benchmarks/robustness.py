@@ -12,6 +12,7 @@ and regenerates the table in benchmarks/README.md. Each phase has a time budget;
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -117,6 +118,8 @@ def label_studio_stand_in(hostile_url: str) -> Iterator[str]:
             return Response("unauthorized", status=401)
         if request.path == "/data/upload/1/redirect.png" or request.path.endswith("/presign/"):
             return Response("", status=302, headers={"Location": hostile_url})
+        if request.path == fuzzing.LOADABLE_UPLOAD:  # the fuzzed tasks' loadable upload
+            return Response(base64.b64decode(fuzzing.LOADABLE_IMAGE.split(",", 1)[1]), mimetype="image/png")
         path = files.get(request.path)
         if path is None:
             return Response("not found", status=404)
@@ -174,7 +177,7 @@ def fuzz(url: str, model_dir: Path, total: int, budget_s: float) -> dict:
     session = requests.Session()
     statuses: dict[str, Counter] = {path: Counter() for path in endpoints}
     problems: list[dict] = []
-    recorded = 0
+    recorded = reached = 0
     events_before = count_events(model_dir)
     deadline = time.monotonic() + budget_s
     began = time.monotonic()
@@ -190,7 +193,7 @@ def fuzz(url: str, model_dir: Path, total: int, budget_s: float) -> dict:
                       suppress_health_check=list(HealthCheck))
             @given(body=strategy)
             def send(body) -> None:
-                nonlocal recorded
+                nonlocal recorded, reached
                 if sum(sent.values()) >= per_endpoint or time.monotonic() > deadline:
                     return
                 data = json.dumps(body)  # NaN / Infinity included, as a hostile client may send them
@@ -204,6 +207,8 @@ def fuzz(url: str, model_dir: Path, total: int, budget_s: float) -> dict:
                                          "answer": response.text[:200]})
                     elif path == "/webhook" and response.status_code == 200 and answer.get("status") == "recorded":
                         recorded += 1
+                    elif path == "/predict" and response.status_code == 200:
+                        reached += sum(1 for entry in answer.get("results", []) if entry.get("result"))
                 except requests.RequestException as exc:
                     sent["connection error"] += 1
                     problems.append({"path": path, "error": str(exc)[:200], "body": data[:300]})
@@ -221,6 +226,7 @@ def fuzz(url: str, model_dir: Path, total: int, budget_s: float) -> dict:
             "server_errors_5xx": sum(n for c in statuses.values() for code, n in c.items() if code.startswith("5")),
             "connection_errors": sum(c["connection error"] for c in statuses.values()),
             "answers_not_json": sum(c["not JSON"] for c in statuses.values()),
+            "predict_tasks_that_reached_a_mask": reached,
             "webhook_events_answered_recorded": recorded,
             "webhook_events_in_database": count_events(model_dir) - events_before,
             "problems": problems[:20]}
@@ -441,6 +447,8 @@ def table(result: dict) -> str:
     rows = [
         ("requests fuzzed (/predict, /setup, /webhook)", f"{fz['requests']:,}"),
         ("5xx seen (and connection errors)", f"{fz['server_errors_5xx']} ({fz['connection_errors']})"),
+        ("fuzzed tasks that reached the decoder (a loadable image, a mask back)",
+         f"{fz['predict_tasks_that_reached_a_mask']:,}"),
         ("/health and a real predict after fuzzing", "UP, correct" if result["after_fuzz"]["ok"] else "FAILED"),
         ("events lost (HTTP: answered 'recorded' but not stored)",
          str(fz["webhook_events_answered_recorded"] - fz["webhook_events_in_database"] + wh["events_lost"])),
@@ -489,8 +497,7 @@ def main() -> int:
         with label_studio_stand_in(f"http://127.0.0.2:{listeners[0].port}/x.png") as ls_url:
             model_dir = work / "backend-models"
             env = {"TRAINING_RUNNER": "off", "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN,
-                   "MODEL_DIR": str(model_dir), "IMAGE_TIMEOUT_S": "3", "LOG_LEVEL": "WARNING", "WORKERS": "1",
-                   "THREADS": "4"}
+                   "MODEL_DIR": str(model_dir), "IMAGE_TIMEOUT_S": "3", "LOG_LEVEL": "WARNING", "WORKERS": "1"}
             for name in ("REDIS_URL", "ALLOWED_IMAGE_HOSTS", "AUTH_TOKEN", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
                 os.environ.pop(name, None)
             with start_backend(env, work / "backend.log") as url:
