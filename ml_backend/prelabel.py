@@ -24,6 +24,7 @@ from .settings import Settings
 log = logging.getLogger("ml_backend.prelabel")
 BATCH = 20  # tasks predicted and posted together
 PATIENCE_S = 180.0  # how long an unreachable Label Studio is waited for
+MAX_PASSES = 3  # a pass that posted something but also saw failures is followed by another, up to this many
 
 
 class PrelabelError(RuntimeError):
@@ -36,7 +37,8 @@ def _retryable(exc: ConnectError) -> bool:
 
 def prelabel_project(settings: Settings, project: str, backend: SamBackend | None = None,
                      progress: Callable[[dict], None] | None = None, bar: bool = False) -> dict:
-    """Predict and post every task that needs it; returns the counts (and the failed tasks, with why)."""
+    """Predict and post every task that needs it; returns the counts of the last pass over the project (tasks,
+    skipped: had the version, no_boxes, failed with why) and `predicted`: posted by this run in all."""
     source = image_source(settings, project)
     if not source.label_studio_url or not source.token:
         raise PrelabelError(f"project {project}: no Label Studio URL/token (set LABEL_STUDIO_URL and "
@@ -46,12 +48,13 @@ def prelabel_project(settings: Settings, project: str, backend: SamBackend | Non
     version = backend.model_version(project)
     report = {"project": project, "model_version": version, "tasks": 0, "skipped": 0, "no_boxes": 0,
               "predicted": 0, "failed": 0, "failures": []}
-    waited_since = None
+    waited_since, passes = None, 0
     with tqdm(disable=not bar, unit="task", desc=f"project {project}") as shown:
         while True:  # passes over the project; a pass cut short by Label Studio going away starts again
             try:
                 config = protocol.parse_label_config(client.project(int(project)).get("label_config") or "")
-                report["tasks"] = 0
+                waited_since, posted_before = None, report["predicted"]
+                report.update(tasks=0, skipped=0, no_boxes=0, failed=0, failures=[])  # this pass's counts
                 for page in client.tasks(int(project), fields="all"):
                     report["tasks"] += len(page)
                     _prelabel_page(backend, client, project, config, version, page, report)
@@ -60,6 +63,9 @@ def prelabel_project(settings: Settings, project: str, backend: SamBackend | Non
                     shown.set_postfix(predicted=report["predicted"], failed=report["failed"])
                     if progress:
                         progress(_summary(report))
+                passes += 1
+                if report["failed"] and report["predicted"] > posted_before and passes < MAX_PASSES:
+                    continue  # failures next to progress may be passing (Label Studio restarting): look again
                 break
             except ConnectError as exc:
                 if not _retryable(exc):

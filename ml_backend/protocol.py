@@ -112,7 +112,7 @@ def region_to_box(region: dict, width: int, height: int) -> Box:
         raise ProtocolError("rectangle region has no value object")
     x, y = _number(value, "x") * width / 100, _number(value, "y") * height / 100
     w, h = _number(value, "width") * width / 100, _number(value, "height") * height / 100
-    angle = math.radians(float(value.get("rotation") or 0))
+    angle = math.radians(_number(value, "rotation") if value.get("rotation") is not None else 0.0)
     corners = [(0, 0), (w, 0), (w, h), (0, h)]
     xs = [x + cx * math.cos(angle) - cy * math.sin(angle) for cx, cy in corners]
     ys = [y + cx * math.sin(angle) + cy * math.cos(angle) for cx, cy in corners]

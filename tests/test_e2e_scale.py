@@ -14,6 +14,7 @@ import time
 import pytest
 import requests
 
+from ml_backend.prelabel import BATCH
 from tests.backend_server import REPO_ROOT, start_backend
 from tests.label_studio import free_port, rect_result, start_label_studio
 from tests.services import wait_for
@@ -153,27 +154,42 @@ def test_prelabel_command_predicts_every_boxed_task_once(label_studio_20s, tmp_p
     assert len(our_predictions(ls, project)) == 3
 
 
-def test_prelabel_waits_for_a_restarting_label_studio(tmp_path):
-    """Label Studio down when the job asks it (a restart): the job waits, then finishes, nothing lost."""
-    port, data = free_port(), tmp_path / "ls-data"
-    with start_label_studio(data, port=port) as ls:
-        project, tasks = prelabel_project(ls, tmp_path, "prelabel restart", 0)
+def test_prelabel_resumes_when_label_studio_restarts_mid_job(tmp_path):
+    """Label Studio stops after the job posted its first batch and starts again: the job waits for it, then
+    finishes where it was; every task gets exactly one prediction."""
+    port, data, count = free_port(), tmp_path / "ls-data", 3 * BATCH
+    first = start_label_studio(data, port=port)
+    ls = first.__enter__()
+    running = True
+    try:
+        project = ls.create_project("prelabel restart", open_config())
+        task_ids = ls.upload_many(project, distinct_images(tmp_path, count))
+        ls.import_predictions(project, [{"task": t, "model_version": "detector-v1", "score": 0.9,
+                                         "result": [rect_result(20, 20, 40, 30, 100, 100, "nucleus")]}
+                                        for t in task_ids])
         env = {**os.environ, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token,
                "MODEL_DIR": str(tmp_path / "models"), "LOG_LEVEL": "INFO"}
-    job = subprocess.Popen([sys.executable, "-m", "ml_backend", "prelabel", "--project", str(project), "--json"],
-                           cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(8)
-        assert job.poll() is None, job.communicate()
-        with start_label_studio(data, port=port) as ls:
-            out, err = job.communicate(timeout=400)
-            assert job.returncode == 0, err[-3000:]
-            assert "prelabel waits for Label Studio" in err
-            report = json.loads(out.strip().splitlines()[-1])["result"]
-            assert (report["predicted"], report["failed"]) == (3, 1), report
-            assert sorted(our_predictions(ls, project)) == sorted(tasks[:3])
+        job = subprocess.Popen([sys.executable, "-m", "ml_backend", "prelabel", "--project", str(project),
+                                "--json"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        try:
+            wait_for(lambda: len(our_predictions(ls, project)) >= BATCH, 300, "the job's first batch")
+            first.__exit__(None, None, None)  # Label Studio goes away mid-job
+            running = False
+            assert job.poll() is None, "the job ended before Label Studio stopped"
+            time.sleep(5)
+            with start_label_studio(data, port=port) as again:
+                out, err = job.communicate(timeout=600)
+                assert job.returncode == 0, err[-3000:]
+                assert "prelabel waits for Label Studio" in err
+                report = json.loads(out.strip().splitlines()[-1])["result"]
+                assert report["predicted"] == count and report["failed"] == 0, report
+                assert sorted(our_predictions(again, project)) == sorted(task_ids)  # one each: none posted twice
+        finally:
+            job.kill()
     finally:
-        job.kill()
+        if running:
+            first.__exit__(None, None, None)
 
 
 def test_prelabel_endpoint_runs_the_job_in_the_backends_runner(label_studio_20s, backend, tmp_path):

@@ -80,6 +80,7 @@ def _predict(client, tasks: list[dict], context: dict | None = None):
 
 @pytest.mark.parametrize("value", [
     {"x": float("nan")}, {"y": float("inf")}, {"width": -float("inf")}, {"height": "12"}, {"x": None},
+    {"rotation": float("nan")}, {"rotation": "abc"}, {"rotation": [1]},  # a robustness-benchmark find: 500s
 ])
 def test_non_finite_regions_on_a_loadable_image_fail_only_their_task(client, value):
     """JSON cannot carry NaN, but Python's json (and Label Studio's) writes it: the region reaches parsing."""
