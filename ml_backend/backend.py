@@ -259,10 +259,12 @@ class SamBackend:
     @staticmethod
     def _image_jobs(loader: ImageFetcher, tasks: list[dict], config: protocol.LabelConfig) -> Iterator[ImageJob]:
         for task in tasks:
-            url = task.get("data", {}).get(config.image_key) if isinstance(task.get("data"), dict) else None
-            if isinstance(url, str) and url:
-                task_id = task.get("id")
-                yield ImageJob(loader, url, task_id if isinstance(task_id, int) else None)
+            try:
+                url = protocol.task_image_url(task, config)
+            except protocol.ProtocolError:
+                continue  # no image to warm: its /predict says why
+            task_id = task.get("id")
+            yield ImageJob(loader, url, task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None)
 
     # -- Label Studio connection ----------------------------------------------------------------------
     def _loader(self, project: str | None) -> ImageFetcher:

@@ -181,10 +181,11 @@ def test_prelabel_resumes_when_label_studio_restarts_mid_job(tmp_path):
             with start_label_studio(data, port=port) as again:
                 out, err = job.communicate(timeout=600)
                 assert job.returncode == 0, err[-3000:]
-                assert "prelabel waits for Label Studio" in err
                 report = json.loads(out.strip().splitlines()[-1])["result"]
                 assert report["predicted"] == count and report["failed"] == 0, report
                 assert sorted(our_predictions(again, project)) == sorted(task_ids)  # one each: none posted twice
+            # the job met the outage: its API calls waited, or its image fetches failed and a later pass redid them
+            assert "prelabel waits for Label Studio" in err or '"task image failed"' in err
         finally:
             job.kill()
     finally:
