@@ -230,7 +230,7 @@ def mask_to_regions(mask: Mask, config: LabelConfig) -> list[dict]:
         labels = [label] if label else []
         region = {"id": new_region_id(), "from_name": output.from_name, "to_name": output.to_name,
                   "type": output.kind, "original_width": width, "original_height": height,
-                  "image_rotation": 0, "score": round(float(mask.score), 4), "readonly": False,
+                  "image_rotation": 0, "score": round(region_score(mask), 4), "readonly": False,
                   "origin": "prediction"}  # the editor marks model-made regions; edits become "prediction-changed"
         if output.kind == "brushlabels":
             full = mask.full().astype(np.uint8) * 255
@@ -256,10 +256,15 @@ def failed(model_version: str, error: str) -> dict:
     return {"model_version": model_version, "error": error}
 
 
+def region_score(mask: Mask) -> float:
+    """A mask's score in [0, 1]: SAM's predicted IoU, clamped (it can pass 1); an empty mask is a failure: 0."""
+    return 0.0 if mask.area == 0 else min(1.0, max(0.0, float(mask.score)))
+
+
 def prediction(masks: list[Mask], config: LabelConfig, model_version: str) -> dict:
-    """A task's prediction entry: all regions, the mean score, the model version."""
+    """A task's prediction entry: all regions, the mean score of its masks (empty ones count 0), the version."""
     result = [region for mask in masks if mask.area > 0 for region in mask_to_regions(mask, config)]
-    score = float(np.mean([m.score for m in masks])) if masks else 0.0
+    score = float(np.mean([region_score(m) for m in masks])) if masks else 0.0
     return {"result": result, "score": round(score, 4), "model_version": model_version}
 
 

@@ -1,6 +1,8 @@
 """Label Studio JSON <-> typed objects: config parsing, coordinates, brush RLE and polygons."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
@@ -130,6 +132,16 @@ def test_prediction_entry_and_empty_task():
     ids = [region["id"] for region in two]
     assert len(set(ids)) == len(ids) == 4  # the editor merges results sharing an id into one region
     assert protocol.prediction([], config, "m@base") == {"result": [], "score": 0.0, "model_version": "m@base"}
+
+
+def test_scores_are_in_0_1_and_an_empty_mask_counts_as_a_failure():
+    config = protocol.parse_label_config(CONFIG)
+    over = dataclasses.replace(_disk_mask(), score=1.3)  # SAM's predicted IoU can pass 1
+    entry = protocol.prediction([over], config, "m@base")
+    assert entry["score"] == 1.0 and all(region["score"] == 1.0 for region in entry["result"])
+    empty = dataclasses.replace(_disk_mask(), crop=np.zeros_like(_disk_mask().crop))
+    entry = protocol.prediction([_disk_mask(), empty], config, "m@base")
+    assert entry["score"] == pytest.approx(0.45) and len(entry["result"]) == 2  # the empty mask has no region
 
 
 def test_project_id_forms():
