@@ -6,6 +6,7 @@ import sqlite3
 import time
 
 from flask import Flask, Response, g, jsonify, request
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from . import protocol
@@ -56,6 +57,11 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     def store_unavailable(exc: sqlite3.Error):
         log.error("job store unavailable", extra={"error": str(exc)})
         return jsonify(error=f"the event could not be recorded ({exc}); retry later"), 503
+
+    @app.errorhandler(RedisError)
+    def redis_unavailable(exc: RedisError):  # REDIS_URL: Redis holds the job records
+        log.error("job store unavailable", extra={"error": str(exc)})
+        return jsonify(error=f"the event could not be recorded ({type(exc).__name__}); retry later"), 503
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

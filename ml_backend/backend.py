@@ -195,7 +195,7 @@ class SamBackend:
         masks = []
         if prompts.boxes or prompts.points:
             embedding, cached = self.cache.get_or_compute(key, lambda: self.segmenter.embed(image))
-            masks = self.segmenter.decode(embedding, prompts, served.module)
+            masks = self.segmenter.decode(embedding, prompts, served.module, served.calibration)
         seconds = time.perf_counter() - started
         if not cached:  # what a new image costs: the next call's deferral bound
             self._new_image_s = seconds if not self._new_image_s else 0.7 * self._new_image_s + 0.3 * seconds

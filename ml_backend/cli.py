@@ -1,27 +1,36 @@
-"""The command line: python -m ml_backend train | eval | versions | activate | rollback | connect | prelabel | worker.
+"""The command line: python -m ml_backend train | eval | versions | activate | rollback | connect | prelabel | worker | jobs.
 
 Every command reads the backend's settings (environment variables, README "Settings"): MODEL_DIR, SAM_MODEL,
 SAM_CHECKPOINT(_SHA256), DEVICE, TORCH_THREADS, LABEL_STUDIO_URL / _API_KEY and the image rules and limits;
 flags override some of them. Errors a user can fix (bad path, no data, unknown version, bad project name, bad
-checkpoint) print one line on stderr and exit with code 2. With --json the last stdout line is one JSON object.
+checkpoint) print one line on stderr and exit with code 2. `train` and `prelabel` take the project's lock (the one
+training jobs hold): while a job of the project runs they wait, saying so on stderr, or with --no-wait refuse
+with exit code 3. With --json the last stdout line is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from .settings import Settings
 
 EXIT_USAGE = 2
+EXIT_BUSY = 3  # --no-wait and the project's lock is held (a job of the project runs)
 
 
 class UsageError(Exception):
     """A bad option value."""
+
+
+class ProjectBusy(Exception):
+    """--no-wait, and a job (or another command) of the project holds its lock."""
 
 
 def _common(parser: argparse.ArgumentParser, settings: Settings) -> None:
@@ -67,6 +76,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     train.add_argument("--val-fraction", type=float, default=0.2, help="hash split when the data has none")
     train.add_argument("--keep-last", type=int, default=settings.keep_versions,
                        help="versions kept by pruning (plus the active one; default: $KEEP_VERSIONS)")
+    train.add_argument("--no-wait", action="store_true",
+                       help="refuse (exit code 3) instead of waiting while a job of the project runs")
 
     evaluate = commands.add_parser("eval", help="box-prompted mIoU of a version on a data split")
     _model_args(evaluate, settings)
@@ -90,6 +101,13 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
                                    "a mask prediction of the served version (resumable)")
     prelabel.add_argument("--project", required=True, type=int, help="Label Studio project id")
     prelabel.add_argument("--json", action="store_true", help="print the job record as one JSON line")
+    prelabel.add_argument("--no-wait", action="store_true",
+                          help="refuse (exit code 3) instead of waiting while a job of the project runs")
+    jobs = commands.add_parser("jobs", help="running and recent training / pre-labelling jobs (with REDIS_URL: "
+                               "of every host): which worker runs what, since when, progress")
+    jobs.add_argument("--project", help="only this project's jobs")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     worker = commands.add_parser("worker", help="run due training jobs forever (the training worker)")
     worker.add_argument("--job", type=int, metavar="ID", help="run one claimed job (what the dispatcher starts)")
     return parser
@@ -121,16 +139,38 @@ def cmd_train(args: argparse.Namespace, registry) -> dict:
     config = FineTuneConfig(epochs=args.epochs, lr=args.lr, loss=args.loss, seed=args.seed, margin=args.margin,
                             max_objects_per_image=args.max_objects_per_image, patience=args.patience,
                             max_objects_per_epoch=args.max_objects_per_epoch, box_jitter=args.box_jitter)
-    dataset = _load_data(args)
-    segmenter = _load_segmenter(args)
-    report = train_and_register(segmenter, dataset, registry, args.settings.model_dir, config,
-                                progress=sys.stderr.isatty())
+    with _project_lock(args, "python -m ml_backend train"):
+        dataset = _load_data(args)
+        segmenter = _load_segmenter(args)
+        report = train_and_register(segmenter, dataset, registry, args.settings.model_dir, config,
+                                    progress=sys.stderr.isatty())
     report["data"] = dataset.summary
     return report
 
 
+@contextlib.contextmanager
+def _project_lock(args: argparse.Namespace, what: str) -> Iterator[None]:
+    """Hold the project's lock (the one its training jobs hold) around a command: wait for a running job of
+    the project, saying so on stderr, or raise ProjectBusy with --no-wait. Other projects' jobs do not block."""
+    from trainer.jobs import describe_busy
+
+    from .training import command_lock, job_store
+
+    def busy() -> str:
+        return describe_busy(job_store(args.settings), args.settings.model_dir, args.project)
+
+    def waiting() -> None:
+        print(f"{busy()}; waiting for it to end (--no-wait: refuse instead)", file=sys.stderr, flush=True)
+
+    with command_lock(args.settings, args.project, what, 0 if args.no_wait else float("inf"), waiting) as held:
+        if not held:
+            raise ProjectBusy(f"{busy()}; not training (retry later, or without --no-wait to wait for it)")
+        yield
+
+
 def cmd_eval(args: argparse.Namespace, registry) -> dict:
     from trainer.cache import DiskEmbeddings
+    from trainer.calibration import Calibration
     from trainer.data import DataError
     from trainer.finetune import TrainingEmbeddings, evaluate
     from trainer.runtime import BASE_VERSION
@@ -141,12 +181,13 @@ def cmd_eval(args: argparse.Namespace, registry) -> dict:
     if not images:
         raise DataError(f"the data has no {args.split} split images ({args.data})")
     segmenter = _load_segmenter(args)
-    decoder = None
+    decoder, calibration = None, None
     if version is not None:
         registry.check_base_model(version, segmenter.model.identity)
         decoder = segmenter.fine_tuned_decoder(registry.load_decoder(version))
+        calibration = Calibration.from_dict(registry.manifest(version).get("calibration"))
     embeddings = TrainingEmbeddings(segmenter, DiskEmbeddings(args.settings.model_dir / "embeddings"))
-    result = evaluate(segmenter, embeddings, images, decoder)
+    result = evaluate(segmenter, embeddings, images, decoder, calibration=calibration)
     return {"version": version or BASE_VERSION, "model_version": segmenter.model_version(version or BASE_VERSION),
             "split": args.split, **result}
 
@@ -155,12 +196,7 @@ def cmd_versions(args: argparse.Namespace, registry) -> dict:
     active = registry.active()
     rows = []
     for info in registry.versions():
-        metrics = info.manifest.get("metrics", {})
-        rows.append({"version": info.version, "active": info.version == active, "promoted": info.promoted,
-                     "created_at": info.manifest.get("created_at"), "parent": info.manifest.get("parent"),
-                     "val_miou_base": metrics.get("val_miou_base"), "val_miou_new": metrics.get("val_miou_new"),
-                     "loss": info.manifest.get("hyperparameters", {}).get("loss"),
-                     "reason": info.manifest.get("reason")})
+        rows.append({**info.summary(), "active": info.version == active})
     return {"project": args.project, "active": active, "versions": rows}
 
 
@@ -178,14 +214,21 @@ def _print_human(command: str, report: dict) -> None:
         print(f"project {report['project']}: active {report['active'] or 'base'}")
         for row in report["versions"]:
             mark = "*" if row["active"] else " "
-            print(f"{mark} {row['version']}  {row['created_at']}  val mIoU {row['val_miou_base']} -> "
-                  f"{row['val_miou_new']}  {'promoted' if row['promoted'] else 'not promoted'}")
+            print(f"{mark} {row['version']}  {row['created_at']}  gate mIoU {row['gate_miou_current']} -> "
+                  f"{row['gate_miou_new']}  score: Spearman {row['spearman_object']} (objects) "
+                  f"{row['spearman_task']} (tasks), ECE {row['ece']}  "
+                  f"{'promoted' if row['promoted'] else 'not promoted'}")
     elif command == "train":
         print(f"{report['version']}: {'promoted' if report['promoted'] else 'not promoted'} ({report['reason']})")
     elif command == "eval":
         print(f"{report['version']} on {report['split']}: mIoU {report['miou']} over {report['n_objects']} objects")
         for name, group in {**report["per_label"], **report["by_size"]}.items():
             print(f"  {name}: {group['miou']} ({group['n_objects']})")
+        score = report["score"]
+        print(f"  score: Spearman {score.get('spearman_object')} (objects) {score.get('spearman_task')} (tasks), "
+              f"ECE {score.get('ece')}, AUROC bad masks {score.get('auroc_bad')}, bad masks in the lowest-scored "
+              f"10/20/30% of objects {list((score.get('bad_found_objects') or {}).values())}, "
+              f"of tasks {list((score.get('bad_found_tasks') or {}).values())}")
     else:
         print(f"project {report['project']}: active {report['active'] or 'base'}")
 
@@ -197,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     changed = {"model_dir": getattr(args, "model_dir", None), "sam_model": getattr(args, "model", None),
                "sam_checkpoint": getattr(args, "checkpoint", None)}
     args.settings = dataclasses.replace(settings, **{k: v for k, v in changed.items() if v is not None})
-    if args.command in ("connect", "worker", "prelabel"):
+    if args.command in ("connect", "worker", "prelabel", "jobs"):
         return _edge_command(args)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -210,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         registry = Registry(args.settings.model_dir, args.project, keep_last=getattr(args, "keep_last", 5))
         report = commands[args.command](args, registry)
+    except ProjectBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except (DataError, RegistryError, ModelLoadError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -233,7 +279,10 @@ def _edge_command(args: argparse.Namespace) -> int:
     if args.command == "prelabel":
         from .backend import build_segmenter
 
-        job_id, code = training.prelabel_now(args.settings, str(args.project), build_segmenter(args.settings))
+        job_id, code = training.prelabel_now(args.settings, str(args.project), build_segmenter(args.settings),
+                                             wait_s=0 if args.no_wait else 6 * 3600)
+        if job_id is None:
+            return code
         job = training.job_store(args.settings).job(job_id)
         if args.json:
             print(json.dumps(job.as_dict(), default=str))
@@ -243,8 +292,34 @@ def _edge_command(args: argparse.Namespace) -> int:
         else:
             print(f"error: job {job_id} {job.state}: {job.error}", file=sys.stderr)
         return code
+    if args.command == "jobs":
+        return _jobs(args)
     if args.job is not None:
         from .backend import build_segmenter
 
         return training.run_one_job(args.settings, args.job, build_segmenter(args.settings, serving=False))
     return training.serve(args.settings)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    """`jobs`: every running job (of every host with REDIS_URL) and the recent ones, newest first."""
+    import time
+
+    from . import training
+
+    store = training.job_store(args.settings)
+    if training.uses_redis(args.settings):
+        training.redis_runner(args.settings).reap()
+    rows = [job.as_dict() for job in store.jobs(args.project, limit=max(1, args.limit))]
+    for row in rows:
+        row["progress"] = store.progress(row["id"]) if row["state"] == "running" else None
+    if args.json:
+        print(json.dumps({"runner": args.settings.runner, "jobs": rows}, default=str))
+        return 0
+    clock = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) if t else "-"  # noqa: E731
+    for row in rows:
+        where = row["worker"] or (f"pid {row['pid']}" if row["pid"] else "-")
+        extra = f"  progress {row['progress']}" if row["progress"] else f"  {row['error']}" if row["error"] else ""
+        print(f"job {row['id']}  project {row['project']}  {row['kind']}  {row['state']}  {where}  "
+              f"since {clock(row['started_at'] or row['created_at'])}{extra}")
+    return 0

@@ -6,6 +6,10 @@
 Label Studio is reached at LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY (a legacy token or a personal access
 token); --url is the backend URL *as Label Studio sees it* (default: $BACKEND_URL, else http://localhost:9090).
 Label Studio then checks the backend's /health and /setup itself and creates the project's /webhook.
+With --score-column the project's model version becomes the served version: Label Studio's Data Manager then
+shows the backend's scores in its "Prediction score" column (it averages only predictions of the project's
+model version). Label Studio accepts it only once the project has predictions of that version (Retrieve
+predictions first). The backend then moves it along: after a promotion and after pre-labelling.
 With BASIC_AUTH_USER / BASIC_AUTH_PASS set (the backend's own credentials), the connection uses Label Studio's
 "Use basic auth" and the project's ML webhook carries the same credentials as a header; running it again
 repairs a connection made without them. Exit code 0 when every project is connected (now or before), 2 on any
@@ -113,6 +117,74 @@ def connect_project(ls: LabelStudioClient, project_id: int, backend_url: str, ti
     return "connected", int(created["id"])
 
 
+def show_scores(ls: LabelStudioClient, project_id: int, served: str) -> str:
+    """Point the project's model version at `served` (the version the backend serves), so that the Data
+    Manager's "Prediction score" column (it averages only predictions of the project's model version) shows
+    the backend's scores; returns what was done. Label Studio accepts a version only once the project holds
+    predictions of it: until then ConnectError says what to run first."""
+    current = ls.project(project_id).get("model_version")
+    if current == served:
+        return f"model version {served} (Data Manager's Prediction score column)"
+    try:
+        ls.set_project_model_version(project_id, served)
+    except HTTPFailure as exc:
+        if exc.status != 400:
+            raise
+        raise ConnectError(f"project {project_id} has no predictions of {served} yet, so Label Studio refuses it "
+                           f"as the project's model version: run Retrieve predictions in the Data Manager (or "
+                           f"`python -m ml_backend prelabel --project {project_id}`), then this again") from None
+    return f"model version {current!r} -> {served} (Data Manager's Prediction score column)"
+
+
+REVIEW_TAB = "Review worst-first"
+# Label Studio 1.23's default hidden columns (list view, labeling view), less the prediction score
+_HIDDEN = ["tasks:inner_id", "tasks:annotations_results", "tasks:annotations_ids", "tasks:predictions_model_versions",
+           "tasks:predictions_results", "tasks:file_upload", "tasks:storage_filename", "tasks:created_at",
+           "tasks:updated_at", "tasks:updated_by", "tasks:avg_lead_time", "tasks:draft_exists"]
+_HIDDEN_LABELING = _HIDDEN + ["tasks:id", "tasks:completed_at", "tasks:cancelled_annotations",
+                              "tasks:total_predictions", "tasks:annotators"]
+
+
+def ensure_review_tab(ls: LabelStudioClient, project_id: int) -> str:
+    """A Data Manager tab that shows the Prediction score column and sorts by it, lowest first (the masks most
+    likely wrong on top); created once, by title."""
+    if any((v.get("data") or {}).get("title") == REVIEW_TAB for v in ls.views(project_id)):
+        return f"tab {REVIEW_TAB!r} ok"
+    ls.create_view(project_id, {"title": REVIEW_TAB, "type": "list", "target": "tasks",
+                                "ordering": ["tasks:predictions_score"],
+                                "filters": {"conjunction": "and", "items": []},
+                                "hiddenColumns": {"explore": _HIDDEN, "labeling": _HIDDEN_LABELING}})
+    return f"tab {REVIEW_TAB!r} created"
+
+
+def served_version(ls: LabelStudioClient, project_id: int, ml_id: int, backend_url: str) -> str:
+    """The model version the backend serves the project, as Label Studio learns it from /setup."""
+    served = ls.refresh_ml_backend(ml_id, project_id, backend_url).get("model_version")
+    if not served:
+        raise ConnectError(f"project {project_id}: Label Studio has no model version for ML backend {ml_id} "
+                           "(did the backend answer /setup?)")
+    return served
+
+
+def follow_served_version(settings: Settings, project: str, served: str) -> str:
+    """Keep the Data Manager's score column on the served version: if the project's model version is another
+    version of this base model (someone chose to show its scores), move it to `served`; returns what was done.
+    Never raises: it runs after a promotion and after pre-labelling, which stand whether or not it works."""
+    from .fetch import image_source
+
+    try:
+        source = image_source(settings, project)
+        if not source.label_studio_url or not source.token:
+            return "no Label Studio URL/token"
+        ls = LabelStudioClient(source.label_studio_url, source.token)
+        current = ls.project(int(project)).get("model_version") or ""
+        if current == served or current.split("@")[0] != served.split("@")[0]:
+            return f"project model version {current!r}: left as it is"
+        return show_scores(ls, int(project), served)
+    except (ConnectError, ValueError, OSError) as exc:
+        return f"not moved: {exc}"
+
+
 def add_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
     parser.add_argument("--project", type=int, action="append", default=[], metavar="ID",
                         help="project id (repeatable)")
@@ -126,6 +198,11 @@ def add_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
     parser.add_argument("--label-studio-url", default=settings.label_studio_url, help="default: $LABEL_STUDIO_URL")
     parser.add_argument("--api-key", default=settings.label_studio_api_key,
                         help="default: $LABEL_STUDIO_API_KEY (legacy token or personal access token)")
+    parser.add_argument("--score-column", action="store_true",
+                        help="set the project's model version to the served one (once the project has predictions "
+                             "of it), so the Data Manager's Prediction score column shows the backend's scores; the "
+                             "editor then shows stored predictions of that version instead of asking the backend "
+                             "when a task opens. Promotions and pre-labelling move it along")
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait up to this long for Label Studio's /health first")
 
@@ -180,4 +257,12 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(f"project {project_id}: {outcome} to {args.url} (ML backend id {ml_id}"
               f"{', basic auth' if basic_auth else ''})")
+        if args.score_column:
+            try:
+                served = served_version(ls, project_id, ml_id, args.url)
+                print(f"project {project_id}: {show_scores(ls, project_id, served)}, "
+                      f"{ensure_review_tab(ls, project_id)}")
+            except ConnectError as exc:
+                failures += 1
+                print(f"error: {exc}", file=sys.stderr)
     return EXIT_FAILED if failures else 0

@@ -255,6 +255,26 @@ class LabelStudioClient:
         return self._call(f"/api/ml/{ml_id}", lambda: self.sdk.ml.update(id=ml_id, project=project_id, url=url,
                                                                         **_auth_fields(basic_auth)))
 
+    def refresh_ml_backend(self, ml_id: int, project_id: int, url: str) -> dict:
+        """Have Label Studio ask the backend's /setup again (an update re-validates); returns the ML backend
+        record with the model_version the backend now serves."""
+        self._call(f"/api/ml/{ml_id}", lambda: self.sdk.ml.update(id=ml_id, project=project_id, url=url))
+        return self._call(f"/api/ml/{ml_id}", lambda: self.sdk.ml.get(id=ml_id))
+
+    def set_project_model_version(self, project_id: int, model_version: str) -> dict:
+        """The project's model version: the predictions Label Studio shows and scores (Data Manager's
+        "Prediction score" averages only predictions of this version)."""
+        return self._call(f"/api/projects/{project_id}",
+                          lambda: self.sdk.projects.update(id=project_id, model_version=model_version))
+
+    def views(self, project_id: int) -> list[dict]:
+        """The project's Data Manager tabs."""
+        return self._call("/api/dm/views", lambda: self.sdk.views.list(project=project_id))
+
+    def create_view(self, project_id: int, data: dict) -> dict:
+        """A Data Manager tab: data holds its title, ordering, filters and hidden columns."""
+        return self._call("/api/dm/views", lambda: self.sdk.views.create(project=project_id, data=data))
+
     def webhooks(self, project_id: int) -> list[dict]:
         return self._call("/api/webhooks", lambda: self.sdk.webhooks.list(project=str(project_id)))
 

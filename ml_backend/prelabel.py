@@ -79,6 +79,11 @@ def prelabel_project(settings: Settings, project: str, backend: SamBackend | Non
             except protocol.ProtocolError as exc:
                 raise PrelabelError(f"project {project}: {exc}") from None
     log.info("prelabel finished", extra=_summary(report))
+    if report["predicted"] or report["skipped"]:
+        from .connect import follow_served_version
+
+        log.info("label studio model version", extra={"project": project,
+                                                      "outcome": follow_served_version(settings, project, version)})
     return report
 
 

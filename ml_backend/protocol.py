@@ -13,6 +13,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 from label_studio_sdk.label_interface import LabelInterface
 
+from trainer.quality import task_score
 from trainer.types import Box, Mask, Point, Prompts
 
 MASK_TAGS = {"BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
@@ -257,14 +258,16 @@ def failed(model_version: str, error: str) -> dict:
 
 
 def region_score(mask: Mask) -> float:
-    """A mask's score in [0, 1]: SAM's predicted IoU, clamped (it can pass 1); an empty mask is a failure: 0."""
+    """A mask's score: its expected IoU (trainer.quality, calibrated for the served version), in [0, 1];
+    an empty mask is a failure: 0."""
     return 0.0 if mask.area == 0 else min(1.0, max(0.0, float(mask.score)))
 
 
 def prediction(masks: list[Mask], config: LabelConfig, model_version: str) -> dict:
-    """A task's prediction entry: all regions, the mean score of its masks (empty ones count 0), the version."""
+    """A task's prediction entry: all regions, the task's score (`task_score` of its masks' scores, empty ones
+    counting 0), the version."""
     result = [region for mask in masks if mask.area > 0 for region in mask_to_regions(mask, config)]
-    score = float(np.mean([region_score(m) for m in masks])) if masks else 0.0
+    score = task_score([region_score(m) for m in masks])
     return {"result": result, "score": round(score, 4), "model_version": model_version}
 
 

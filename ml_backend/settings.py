@@ -47,6 +47,8 @@ class Settings:
     log_level: str = "INFO"                  # LOG_LEVEL
     redis_url: str | None = None             # REDIS_URL: run training jobs on RQ workers instead of embedded
     training_runner: str = "auto"            # TRAINING_RUNNER: auto | embedded | worker | rq | off
+    training_concurrency: int = 1            # TRAINING_CONCURRENCY: jobs run at once on a host, across projects (one per project)
+    training_lock_ttl_s: float = 60.0        # TRAINING_LOCK_TTL_S: with REDIS_URL, a project lock expires this long after its worker stops renewing it
     min_annotations: int = 10                # MIN_ANNOTATIONS: new completed annotations that start a job
     train_debounce_s: float = 30.0           # TRAIN_DEBOUNCE_S: quiet time after the last annotation event
     train_epochs: int = 8                    # TRAIN_EPOCHS

@@ -3,19 +3,26 @@ Studio and hands it to the core (trainer.jobs.run_job -> trainer.finetune).
 
     python -m ml_backend worker              run due jobs forever (the docker-compose training worker)
     python -m ml_backend worker --job ID     one job (what the dispatcher starts as a child process)
-    rq worker training --url $REDIS_URL --with-scheduler    with REDIS_URL: jobs go through RQ
+    rq worker training --url $REDIS_URL --with-scheduler    with REDIS_URL: jobs go through RQ, and Redis holds
+                                             the job records and the projects' locks (trainer.jobs_redis)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import json
 import logging
 import os
 import sys
 import time
 from datetime import timedelta
+from typing import Callable, Iterator
 
 from trainer.finetune import FineTuneConfig
-from trainer.jobs import PRELABEL, Dispatcher, JobStore, TriggerPolicy, run_job, training_lock
+from trainer.jobs import (PRELABEL, TRAIN, Dispatcher, JobStore, TriggerPolicy, describe_busy, project_lock, run_job,
+                          write_holder)
+from trainer.jobs_redis import ProjectLock, RedisJobStore, RedisRunner
 from trainer.registry import Registry, RegistryError
 from trainer.runtime import BASE_VERSION
 
@@ -26,19 +33,67 @@ from .settings import Settings
 log = logging.getLogger("ml_backend.training")
 JOB_COMMAND = [sys.executable, "-m", "ml_backend", "worker", "--job"]
 RQ_QUEUE = "training"
+RQ_JOB_TIMEOUT_S = 6 * 3600
+EXIT_BUSY = 3  # the command line refused (--no-wait): the project's lock is held
 
 
-def job_store(settings: Settings) -> JobStore:
+def uses_redis(settings: Settings) -> bool:
+    return settings.runner == "rq" and bool(settings.redis_url)
+
+
+def job_store(settings: Settings) -> JobStore | RedisJobStore:
+    """Where job records live: Redis with the RQ runner (several hosts), else SQLite under MODEL_DIR."""
+    if uses_redis(settings):
+        return _redis_store(settings.redis_url)
     return JobStore(settings.model_dir / "jobs.sqlite")
 
 
+@functools.lru_cache(maxsize=4)
+def _redis_store(url: str) -> RedisJobStore:
+    return RedisJobStore.from_url(url)  # one connection pool per process (redis-py resets it after a fork)
+
+
 def dispatcher(settings: Settings) -> Dispatcher:
-    return Dispatcher(job_store(settings), settings.model_dir, JOB_COMMAND)
+    return Dispatcher(job_store(settings), settings.model_dir, JOB_COMMAND, concurrency=settings.training_concurrency)
+
+
+def rq_wake(settings: Settings, job_id: int, delay_s: float = 0.0) -> None:
+    """Have an RQ worker look at the job in `delay_s` seconds (training jobs go to the front of the queue)."""
+    from rq import Queue
+
+    store = job_store(settings)
+    queue = Queue(RQ_QUEUE, connection=store.redis)
+    if delay_s > 0:
+        queue.enqueue_in(timedelta(seconds=delay_s + 0.2), rq_run_job, job_id, job_timeout=RQ_JOB_TIMEOUT_S)
+    else:
+        job = store.job(job_id)
+        queue.enqueue(rq_run_job, job_id, job_timeout=RQ_JOB_TIMEOUT_S,
+                      at_front=job is not None and job.kind == TRAIN)
+
+
+def redis_runner(settings: Settings) -> RedisRunner:
+    """The Redis runner of this process; inside an RQ task its records name the RQ worker (name@host:pid)."""
+    from rq import get_current_job
+
+    command = json.loads(os.environ["TRAINING_JOB_COMMAND_FOR_TESTS"]) if os.environ.get(
+        "TRAINING_JOB_COMMAND_FOR_TESTS") else JOB_COMMAND  # test hook: a job body that needs no Label Studio
+    current = get_current_job()
+    return RedisRunner(job_store(settings), command, lambda job_id, delay: rq_wake(settings, job_id, delay),
+                       lock_ttl_s=settings.training_lock_ttl_s, name=current.worker_name if current else None)
+
+
+def rq_run_job(job_id: int) -> str:
+    """The RQ task (REDIS_URL): run one job under its project's Redis lock, or hand it back for later."""
+    return redis_runner(Settings.from_env()).run(job_id)
 
 
 def rq_run_due_jobs() -> int:
-    """The RQ task: run every due job (settings from the worker's environment)."""
-    return dispatcher(Settings.from_env()).run_due()
+    """The RQ task of earlier releases (and a manual kick): run every due job; returns how many ran."""
+    settings = Settings.from_env()
+    if not uses_redis(settings):
+        return dispatcher(settings).run_due()
+    runner = redis_runner(settings)
+    return sum(runner.run(job.id) in ("succeeded", "failed") for job in runner.store.due_jobs())
 
 
 class Training:
@@ -48,12 +103,6 @@ class Training:
         self.settings = settings
         self.store = job_store(settings)
         self.policy = TriggerPolicy(settings.min_annotations, settings.train_debounce_s)
-        self._queue = None
-        if settings.runner == "rq":
-            from redis import Redis
-            from rq import Queue
-
-            self._queue = Queue(RQ_QUEUE, connection=Redis.from_url(settings.redis_url))
         self._dispatcher = dispatcher(settings) if settings.runner == "embedded" else None
         if self._dispatcher:
             self._dispatcher.start_thread()
@@ -85,19 +134,23 @@ class Training:
         return list(dict.fromkeys([segmenter.model_version(BASE_VERSION), *kept]))
 
     def _wake(self, job_id: int) -> None:
-        """Tell RQ when the job is due (the embedded and worker runners poll the store)."""
-        if self._queue is not None:
+        """Tell RQ when the job is due (the embedded and worker runners poll the store): once per job and due
+        time (a marker in Redis), as the RQ task hands a job that is not yet due back for later itself."""
+        if isinstance(self.store, RedisJobStore):
             job = self.store.job(job_id)
             delay = max(0.0, job.not_before - time.time())
-            self._queue.enqueue_in(timedelta(seconds=delay + 0.5), rq_run_due_jobs, job_timeout=6 * 3600)
+            if self.store.first_wake(job_id, delay + 120):
+                rq_wake(self.settings, job_id, delay)
 
     def status(self, project: str) -> dict:
         registry = Registry(self.settings.model_dir, project)
-        versions = [{"version": v.version, "promoted": v.promoted, "reason": v.manifest.get("reason"),
-                     "val_miou": v.manifest.get("metrics", {}).get("val_miou_new"),
-                     "created_at": v.manifest.get("created_at")} for v in registry.versions()]
-        return {"project": project, "runner": self.settings.runner, "active_version": registry.active() or BASE_VERSION,
-                "versions": versions, **self.store.status(project)}
+        versions = [v.summary() for v in registry.versions()]
+        status = {"project": project, "runner": self.settings.runner,
+                  "active_version": registry.active() or BASE_VERSION, "versions": versions}
+        if isinstance(self.store, RedisJobStore):
+            redis_runner(self.settings).reap()  # a status read also fails (and retries) a dead worker's job
+            status["workers"] = self.store.workers()  # every running job, across hosts
+        return {**status, **self.store.status(project)}
 
 
 def load_project(settings: Settings, project: str):
@@ -125,8 +178,15 @@ def run_one_job(settings: Settings, job_id: int, segmenter) -> int:
         log.error("job failed", extra={"job": job_id, "error": str(exc)})
         return 1
     log.info("job succeeded", extra={"job": job_id, **result})
+    if result.get("promoted"):  # the score column moves once Label Studio holds predictions of the version
+        from .connect import follow_served_version
+
+        outcome = follow_served_version(settings, job.project, result["model_version"])
+        log.info("label studio model version", extra={"job": job_id, "project": job.project, "outcome": outcome})
     if result.get("promoted") and settings.prelabel_on_promote:
         prelabel_id, _ = store.enqueue(job.project, PRELABEL, "PROMOTED")
+        if uses_redis(settings):
+            rq_wake(settings, prelabel_id)
         log.info("prelabel queued after promotion", extra={"job": prelabel_id, "project": job.project})
     return 0
 
@@ -148,28 +208,47 @@ def run_prelabel_job(settings: Settings, store: JobStore, job_id: int, segmenter
     return 0
 
 
-def prelabel_now(settings: Settings, project: str, segmenter, wait_s: float = 6 * 3600) -> tuple[int, int]:
-    """The command line's pre-labelling: queue the job, then run it here (tqdm bar) as soon as no other job
-    runs (the runners' lock); returns (job id, exit code)."""
+@contextlib.contextmanager
+def command_lock(settings: Settings, project: str, what: str, wait_s: float,
+                 on_busy: Callable[[], None]) -> Iterator[bool]:
+    """The project's lock for a command-line run (the one its jobs hold): with REDIS_URL the Redis lock, renewed
+    while held, else the flock under MODEL_DIR. Waits up to `wait_s` (calling `on_busy` once); yields whether
+    it is held."""
+    if uses_redis(settings):
+        lock = ProjectLock(job_store(settings).redis, project, settings.training_lock_ttl_s)
+        held = lock.acquire()
+        if not held and wait_s > 0:
+            on_busy()
+            held = lock.acquire(wait_s)
+        try:
+            yield held
+        finally:
+            if held:
+                lock.release()
+        return
+    with project_lock(settings.model_dir, project, wait_s=wait_s, on_busy=on_busy) as fd:
+        if fd is not None:
+            write_holder(fd, what=what)
+        yield fd is not None
+
+
+def prelabel_now(settings: Settings, project: str, segmenter, wait_s: float = 6 * 3600) -> tuple[int | None, int]:
+    """The command line's pre-labelling: take the project's lock (waiting up to `wait_s`, with a message on
+    stderr; 0: refuse at once), then queue (or join) the project's pre-labelling job and run it here (tqdm bar);
+    returns (job id, exit code), (None, EXIT_BUSY) when the project stayed busy."""
     store = job_store(settings)
-    job_id, _ = store.enqueue(project, PRELABEL, "CLI")
-    deadline = time.monotonic() + wait_s
-    told = False
-    while time.monotonic() < deadline:
-        job = store.job(job_id)
-        if job.state in ("succeeded", "failed"):  # a runner took it meanwhile
-            return job_id, 0 if job.state == "succeeded" else 1
-        if job.state == "queued":
-            with training_lock(settings.model_dir) as fd:
-                if fd is not None:
-                    store.recover()
-                    if store.claim_due(os.getpid(), job_id=job_id) is not None:
-                        return job_id, run_prelabel_job(settings, store, job_id, segmenter, bar=sys.stderr.isatty())
-        if not told:
-            print(f"job {job_id}: waiting for the running job to end", file=sys.stderr)
-            told = True
-        time.sleep(2)
-    return job_id, 1
+    busy = lambda: print(f"{describe_busy(store, settings.model_dir, project)}; waiting for it to end",  # noqa: E731
+                         file=sys.stderr, flush=True)
+    with command_lock(settings, project, "python -m ml_backend prelabel", wait_s, busy) as held:
+        if not held:
+            print(f"error: {describe_busy(store, settings.model_dir, project)}; not pre-labelling "
+                  f"(retry later{'' if wait_s else ' or without --no-wait'})", file=sys.stderr)
+            return None, EXIT_BUSY
+        store.recover(project=project)  # we hold the lock: a job of the project still "running" is dead
+        job_id, _ = store.enqueue(project, PRELABEL, "CLI")
+        if store.claim_due(os.getpid(), job_id=job_id) is None:
+            return job_id, 1
+        return job_id, run_prelabel_job(settings, store, job_id, segmenter, bar=sys.stderr.isatty())
 
 
 def serve(settings: Settings) -> int:

@@ -52,6 +52,13 @@ _SUGGESTIONS_JS = """() => Array.from(window.Htx.annotationStore.selected.sugges
   id: r.cleanId, type: r.type, results: r.results.map(x => x.type)}))"""
 _SHOW_ONLY_JS = """(ids) => { for (const r of window.Htx.annotationStore.selected.regions) {
   if (r.hidden === ids.includes(r.cleanId)) r.toggleHidden(); } }"""
+_DATA_MANAGER_ROWS_JS = """() => {
+  const ids = Array.from(document.querySelectorAll('.lsf-table-head [data-id^="tasks:"]')).map(e => e.dataset.id);
+  return Array.from(document.querySelectorAll('.lsf-table-row')).map(row => {
+    const cells = Array.from(row.children).filter(c => c.tagName === 'DIV').map(c => c.textContent.trim());
+    return Object.fromEntries(ids.map((id, i) => [id, cells[i]]));
+  });
+}"""
 _IMAGE_RECT_JS = """() => { const shown = Array.from(document.querySelectorAll('img')).filter(i => i.offsetParent);
   const img = shown.sort((a, b) => b.width * b.height - a.width * a.height)[0];
   const r = img.getBoundingClientRect(); return {x: r.x, y: r.y, width: r.width, height: r.height}; }"""
@@ -167,6 +174,14 @@ class Editor:
             self.log.reloads += 1
             self.page.reload()
         self.page.locator(".konvajs-content").first.wait_for()
+
+    def data_manager_rows(self, project_id: int, tab_id: int, count: int) -> list[dict[str, str]]:
+        """The Data Manager's table on one tab, top to bottom: per row, column id ("tasks:id",
+        "tasks:predictions_score", ...) -> the text shown; waits until `count` rows show."""
+        self.page.goto(f"{self.base_url}/projects/{project_id}/data?tab={tab_id}")
+        self.page.wait_for_function(f"() => document.querySelectorAll('.lsf-table-row').length >= {count}")
+        self.page.wait_for_load_state("networkidle")
+        return self.page.evaluate(_DATA_MANAGER_ROWS_JS)
 
     def select_prediction(self, prediction_id: int):
         """Click the tab of a stored prediction; returns the tab (a locator)."""

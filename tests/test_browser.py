@@ -7,11 +7,15 @@ the canvas. Each test reads the editor's own store (window.Htx) and its canvas p
 and on console errors beyond Label Studio's known noise (tests/browser.py: KNOWN_NOISE), and leaves a
 screenshot in test-artifacts/ when it fails.
 
-README_SCREENSHOT=1 also writes docs/editor-predictions.png (the README's picture).
+Also the reviewer's view: the Data Manager's "Review worst-first" tab that `connect --score-column` sets up.
+
+README_SCREENSHOT=1 also writes docs/editor-predictions.png and docs/review-worst-first.png (the README's pictures).
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +30,7 @@ from tests.label_studio import PASSWORD, USERNAME, brush_mask, rect_result
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 README_PICTURE = REPO_ROOT / "docs" / "editor-predictions.png"
+REVIEW_PICTURE = REPO_ROOT / "docs" / "review-worst-first.png"
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -184,3 +189,51 @@ def _accept_and_check(editor: Editor, target: dict) -> None:
         fraction = editor.drawn_fraction(region, bare, shown)
         assert fraction > DRAWN, f"{region['type']} is not drawn ({fraction:.3f} of its box changed)"
     editor.image_pixels(show_only=[r["id"] for r in editor.regions()])
+
+
+REVIEW_IMAGES = (18, 6, 13, 28)  # a detector's boxes on each: SAM masks of different quality
+
+
+def test_review_tab_sorts_tasks_by_the_backend_score(editor, label_studio, backend_url, tmp_path):
+    """connect --score-column: the project's model version becomes the served one (once it has predictions of
+    it) and a "Review worst-first" tab shows the Prediction score column, lowest first, with the backend's
+    task scores; before, the column stays empty (Label Studio averages only the project's model version)."""
+    project_id = label_studio.create_project("review", CONFIG)
+    tasks = label_studio.upload_images(project_id, [dataset.image_path(i) for i in REVIEW_IMAGES])
+    for task, image_id in zip(tasks, REVIEW_IMAGES):
+        info = dataset.image_info(image_id)
+        boxes = [rect_result(*a["bbox"], info["width"], info["height"], "nucleus")
+                 for a in dataset.annotations(image_id)[:5]]
+        label_studio.post("/api/predictions", json={"task": task, "result": boxes, "model_version": "detector"})
+    label_studio.connect_ml_backend(project_id, backend_url, is_interactive=True)
+    connect = [sys.executable, "-m", "ml_backend", "connect", "--project", str(project_id), "--url", backend_url,
+               "--score-column"]
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "MODEL_DIR": str(tmp_path / "models")}
+    early = subprocess.run(connect, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert early.returncode == 2 and "Retrieve predictions" in early.stderr, early.stderr  # no predictions yet
+
+    label_studio.retrieve_predictions(project_id)
+    listed = label_studio.get(f"/api/tasks?project={project_id}&fields=all")["tasks"]
+    assert all(t["predictions_score"] is None for t in listed), "the column was filled before the setup"
+    done = subprocess.run(connect, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Review worst-first" in done.stdout, done.stdout + done.stderr
+    served = label_studio.get(f"/api/projects/{project_id}")["model_version"]
+    assert served.endswith("@base")
+    scores = {}
+    for task in tasks:
+        (sam,) = [p for p in label_studio.predictions(task) if p["model_version"] == served]
+        assert 0 <= sam["score"] <= 1
+        scores[task] = sam["score"]
+    assert len(set(scores.values())) == len(tasks)
+
+    (tab,) = [v for v in label_studio.get(f"/api/dm/views?project={project_id}")
+              if v["data"]["title"] == "Review worst-first"]
+    rows = editor.data_manager_rows(project_id, tab["id"], len(tasks))
+    shown = [(int(r["tasks:id"]), float(r["tasks:predictions_score"])) for r in rows]
+    assert [task for task, _ in shown] == sorted(scores, key=scores.get), "not sorted worst-first"
+    assert all(abs(score - scores[task]) < 0.001 for task, score in shown)
+    if os.environ.get("README_SCREENSHOT"):
+        editor.screenshot(REVIEW_PICTURE)
+    again = subprocess.run(connect, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "tab 'Review worst-first' ok" in again.stdout

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,16 @@ def trained(coco: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 def test_train_reports_and_gates(trained: tuple[Path, dict, dict]) -> None:
     model_dir, first, second = trained
     for report in (first, second):
-        assert {"version", "promoted", "reason", "val_miou_base", "val_miou_new"} <= set(report)
-        assert 0 < report["val_miou_base"] <= 1 and 0 < report["val_miou_new"] <= 1
+        assert {"version", "promoted", "reason", "gate_miou_current", "gate_miou_new", "gate_score"} <= set(report)
+        assert 0 < report["gate_miou_current"] <= 1 and 0 < report["gate_miou_new"] <= 1
+        # one held-out image: it is the gate set, none is left to early-stop on (the last epoch is kept)
+        assert report["gate_images"] == 1 and report["early_stop_images"] == 0
+        assert report["early_stop_miou_best"] is None and report["best_epoch"] == report["epochs_run"]
+        assert report["gate_score"]["objects"] == 3 and 0 <= report["gate_score"]["mean_score"] <= 1
     assert first["version"] == "v0001" and first["promoted"] is True and first["compared_with"] == "base"
     assert second["version"] == "v0002" and second["promoted"] is False and "does not beat" in second["reason"]
     assert second["compared_with"] == "v0001" and second["active"] == "v0001"
-    assert second["val_miou_base"] == pytest.approx(first["val_miou_new"], abs=1e-4)  # same decoder, same val
+    assert second["gate_miou_current"] == pytest.approx(first["gate_miou_new"], abs=1e-4)  # same decoder, same gate
     assert second["embeddings_computed"] == 0  # cached on disk by the first run, under the serving key
     manifest = json.loads((model_dir / "projects/nuclei/versions/v0002/manifest.json").read_text())
     assert manifest["parent"] == "v0001" and manifest["promoted"] is False
@@ -85,7 +90,8 @@ def test_eval(trained: tuple[Path, dict, dict], coco: Path) -> None:
     where = ["--data", str(coco), "--project", "nuclei", "--model-dir", str(trained[0]), "--json"]
     base = last_json(run("eval", *where, "--split", "val", "--version", "base"))
     assert base["version"] == "base" and base["n_objects"] == 3
-    assert base["miou"] == pytest.approx(trained[1]["val_miou_base"], abs=1e-4)  # eval == the gate's metric
+    assert base["miou"] == pytest.approx(trained[1]["gate_miou_current"], abs=1e-4)  # eval == the gate's metric
+    assert base["score"]["objects"] == 3 and {"spearman_object", "ece", "auroc_bad"} <= set(base["score"])
     test = last_json(run("eval", *where, "--split", "test", "--version", "v0001"))
     assert test["n_objects"] == 3 and 0 < test["miou"] <= 1 and test["model_version"].endswith("@v0001")
     assert test["per_label"]["nucleus"]["n_objects"] == 3
@@ -156,3 +162,62 @@ def test_export_images_follow_the_backend_url_rules(tmp_path: Path) -> None:
         assert hits == ["/pics/4.png"]
     finally:
         server.shutdown()
+
+
+def test_train_waits_for_or_refuses_a_running_job_of_its_project(coco: Path, tmp_path: Path) -> None:
+    """A job of project "nuclei" runs (a live process holds the project's lock): `train --no-wait` refuses with
+    exit code 3 naming the project and the job; `train` of another project runs meanwhile; `train` without
+    --no-wait says on stderr that it waits, and trains once the job has ended."""
+    from trainer.jobs import JobStore, TriggerPolicy
+
+    from tests.locks import LockHolder
+
+    model_dir = tmp_path / "models"
+    common = ["--data", str(coco), "--model-dir", str(model_dir), "--epochs", "1", "--max-objects-per-image", "1",
+              "--margin", "-1", "--json"]
+    store = JobStore(model_dir / "jobs.sqlite")
+    with LockHolder(model_dir, "nuclei") as holder:
+        job_id = store.record_event("nuclei", "START_TRAINING", 0, TriggerPolicy())[1]
+        assert store.claim_due(pid=holder.process.pid, job_id=job_id) is not None
+        refused = run("train", "--project", "nuclei", "--no-wait", *common, check=False)
+        assert refused.returncode == 3, refused.stderr
+        assert f"project nuclei: job {job_id} (train) is running" in refused.stderr and "Traceback" not in refused.stderr
+        other = last_json(run("train", "--project", "other", "--no-wait", *common))
+        assert other["promoted"] and other["version"] == "v0001"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "ALLOW"))}
+        with open(tmp_path / "wait.err", "w") as err:
+            waiting = subprocess.Popen([sys.executable, "-m", "ml_backend", "train", "--project", "nuclei", *common],
+                                       cwd=REPO, env={**env, "LOG_LEVEL": "WARNING"}, stdout=subprocess.PIPE,
+                                       stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while "waiting for it to end" not in (tmp_path / "wait.err").read_text():
+                assert waiting.poll() is None and time.monotonic() < deadline, (tmp_path / "wait.err").read_text()
+                time.sleep(0.2)
+            time.sleep(1)
+            assert waiting.poll() is None  # still waiting: nothing of nuclei written meanwhile
+            assert not (model_dir / "projects" / "nuclei").exists()
+            store.finish(job_id, "succeeded", result={})
+            holder.release()
+            out, _ = waiting.communicate(timeout=300)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+                waiting.wait()
+        assert waiting.returncode == 0, (tmp_path / "wait.err").read_text()[-3000:]
+        assert json.loads(out.strip().splitlines()[-1])["version"] == "v0001"
+        assert f"job {job_id} (train) is running" in (tmp_path / "wait.err").read_text()
+
+
+def test_prelabel_refuses_with_no_wait_while_the_project_is_busy(tmp_path: Path) -> None:
+    """`prelabel --no-wait` meets the same project lock as jobs: exit code 3, one message naming the project."""
+    from trainer.jobs import JobStore
+
+    from tests.locks import LockHolder
+
+    model_dir = tmp_path / "models"
+    with LockHolder(model_dir, "7"):
+        done = run("prelabel", "--project", "7", "--no-wait", check=False, env_extra={"MODEL_DIR": str(model_dir)})
+    assert done.returncode == 3, done.stderr
+    assert "project 7: test holder is running since" in done.stderr and "not pre-labelling" in done.stderr
+    assert JobStore(model_dir / "jobs.sqlite").jobs("7") == []  # refused before queueing anything

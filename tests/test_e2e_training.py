@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -61,6 +63,12 @@ def test_webhooks_train_promote_and_serve_better_masks(label_studio, ls_project,
         label_studio.create_annotation(task_id, box_result(image_id))
     label_studio.retrieve_predictions(ls_project)
     base_miou = held_out_miou(label_studio, held_ids, "@base")
+    score_column = subprocess.run(
+        [sys.executable, "-m", "ml_backend", "connect", "--project", str(ls_project), "--url", url, "--score-column"],
+        env={**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token},
+        capture_output=True, text=True, timeout=120)
+    assert score_column.returncode == 0, score_column.stderr
+    assert label_studio.get(f"/api/projects/{ls_project}")["model_version"].endswith("@base")
     assert status()["events_recorded"] == len(HELD_OUT) and status()["queued"] is None
 
     # "Start Training", then kill -9 the training process while it runs
@@ -97,6 +105,10 @@ def test_webhooks_train_promote_and_serve_better_masks(label_studio, ls_project,
     assert prelabel["state"] == "succeeded" and prelabel["trigger"] == "PROMOTED", prelabel
     assert prelabel["result"]["model_version"].endswith(f"@{version}")
     assert prelabel["result"]["predicted"] == len(HELD_OUT) and prelabel["result"]["failed"] == 0
+    # the Data Manager's score column moved to the promoted version once its predictions were there
+    assert label_studio.get(f"/api/projects/{ls_project}")["model_version"].endswith(f"@{version}")
+    (promoted,) = [v for v in status()["versions"] if v["version"] == version]
+    assert promoted["gate_miou_new"] > promoted["gate_miou_current"] and promoted["spearman_object"] is not None
     label_studio.retrieve_predictions(ls_project)  # nothing left to ask: every task has the version
     new_miou = held_out_miou(label_studio, held_ids, f"@{version}")
     print(f"held-out mIoU base {base_miou:.3f} -> {version} {new_miou:.3f}; job result {result}")

@@ -51,7 +51,7 @@ def test_decode_matches_segment_anything_forward(lite_medsam, segmenter):
         reference, reference_score = _reference_mask(lite_medsam, embedding, image, box)
         assert mask.full().shape == image.shape[:2]
         assert dataset.iou(mask.full(), reference) > 0.99
-        assert mask.score == pytest.approx(reference_score, abs=1e-4)
+        assert mask.quality.predicted_iou == pytest.approx(reference_score, abs=1e-4)
         assert mask.label == "nucleus"
 
 

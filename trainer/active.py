@@ -8,6 +8,7 @@ from pathlib import Path
 
 from segment_anything.modeling import MaskDecoder
 
+from .calibration import Calibration
 from .registry import Registry, RegistryError
 from .runtime import BASE_VERSION, Segmenter
 
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServedDecoder:
     version: str
-    module: MaskDecoder | None  # None: the base model's decoder
+    module: MaskDecoder | None = None  # None: the base model's decoder
+    calibration: Calibration | None = None  # the version's score recalibration (its manifest), if any
 
 
 class ActiveDecoders:
@@ -36,7 +38,7 @@ class ActiveDecoders:
         self._lock = threading.Lock()
 
     def get(self, project: str | None) -> ServedDecoder:
-        base = ServedDecoder(BASE_VERSION, None)
+        base = ServedDecoder(BASE_VERSION)
         if project is None:
             return base
         try:
@@ -49,18 +51,19 @@ class ActiveDecoders:
             if current.version == wanted or self._refused.get(project) == wanted:
                 return current
             try:
-                module = None if wanted == BASE_VERSION else self._load(registry, wanted)
+                served = ServedDecoder(wanted) if wanted == BASE_VERSION else self._load(registry, wanted)
             except (RegistryError, RuntimeError) as exc:
                 self._refused[project] = wanted
                 log.error("decoder version refused", extra={"project": project, "version": wanted,
                                                              "error": str(exc), "serving": current.version})
                 return current
             self._refused.pop(project, None)
-            self._served[project] = ServedDecoder(wanted, module)
+            self._served[project] = served
             log.info("decoder version served", extra={"project": project, "version": wanted})
             return self._served[project]
 
-    def _load(self, registry: Registry, version: str) -> MaskDecoder:
-        """The version's decoder, refused when it was trained on top of another base model."""
+    def _load(self, registry: Registry, version: str) -> ServedDecoder:
+        """The version's decoder and calibration, refused when it was trained on top of another base model."""
         registry.check_base_model(version, self.segmenter.model.identity)
-        return self.segmenter.fine_tuned_decoder(registry.load_decoder(version))
+        module = self.segmenter.fine_tuned_decoder(registry.load_decoder(version))
+        return ServedDecoder(version, module, Calibration.from_dict(registry.manifest(version).get("calibration")))

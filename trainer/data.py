@@ -90,6 +90,17 @@ def hash_fraction(image_id: str) -> float:
     return int(hashlib.sha256(image_id.encode()).hexdigest()[:15], 16) / 16**15
 
 
+def held_out_sets(images: list[ImageSamples]) -> tuple[list[ImageSamples], list[ImageSamples]]:
+    """The held-out images in two disjoint sets: (early stopping and score calibration, the promotion gate).
+
+    A "gate" split is taken as given; otherwise the "val" images alternate in id-hash order, the first to the
+    gate (one val image: a gate and no early stopping), so the gate never judges what picked the epoch.
+    """
+    gate = [i for i in images if i.split == "gate"]
+    val = sorted((i for i in images if i.split == "val"), key=lambda i: hash_fraction(i.image_id))
+    return (val, gate) if gate else (val[1::2], val[0::2])
+
+
 def assign_splits(images: list[ImageSamples], val_fraction: float = 0.2) -> None:
     """Deterministic train/val split by image-id hash, for images without a split.
 

@@ -17,12 +17,15 @@ import numpy as np
 import torch
 from segment_anything.modeling import MaskDecoder
 
+from .calibration import Calibration, fit_calibration
 from .cache import DiskEmbeddings, EmbeddingCache, image_key
-from .data import DataError, Dataset, ImageSamples, Sample
+from .data import DataError, Dataset, ImageSamples, Sample, held_out_sets
 from .decoder import UPSCALE, decoder_copy, prepare_image, window_logits
 from .losses import LOSSES, SeedMSELoss, WindowDiceLoss
+from .quality import MaskQuality
 from .registry import Registry, RegistryError
 from .runtime import BASE_VERSION, Segmenter
+from .score_metrics import score_report
 from .types import Box, Embedding, Prompts
 
 log = logging.getLogger(__name__)
@@ -157,35 +160,58 @@ def size_class(area: int) -> str:
     return next(name for name, low, high in SIZES if low <= area < high)
 
 
-def evaluate(segmenter: Segmenter, embeddings: TrainingEmbeddings, images: list[ImageSamples],
-             decoder: MaskDecoder | None = None, max_objects: int | None = None) -> dict:
-    """Box-prompted mIoU through the serving path (`Segmenter.decode`), per label and per object size."""
-    records = []
+@dataclass(frozen=True)
+class ObjectResult:
+    """One evaluated object: its image, label, size class, the served score, the true IoU, the score's signals."""
+
+    image_id: str
+    label: str
+    size: str
+    score: float
+    iou: float
+    quality: MaskQuality | None = None
+
+
+def evaluate_objects(segmenter: Segmenter, embeddings: TrainingEmbeddings, images: list[ImageSamples],
+                     decoder: MaskDecoder | None = None, max_objects: int | None = None,
+                     calibration: Calibration | None = None) -> list[ObjectResult]:
+    """Every object box-prompted through the serving path (`Segmenter.decode`): its score and true IoU."""
+    results: list[ObjectResult] = []
     for image in images:
         samples = image.samples
         if max_objects is not None:
-            samples = samples[: max(0, max_objects - len(records))]
+            samples = samples[: max(0, max_objects - len(results))]
         if not samples:
             break
         embedding = embeddings.get(image)
-        masks = segmenter.decode(embedding, Prompts(boxes=tuple(s.box for s in samples)), decoder=decoder)
+        masks = segmenter.decode(embedding, Prompts(boxes=tuple(s.box for s in samples)), decoder, calibration)
         for sample, mask in zip(samples, masks):
             pred, truth = mask.full(), sample.mask
             union = np.logical_or(pred, truth).sum()
             iou = float(np.logical_and(pred, truth).sum() / union) if union else 1.0
-            records.append((sample.label, size_class(sample.area), iou))
-    return summarise_ious(records)
+            results.append(ObjectResult(image.image_id, sample.label, size_class(sample.area), mask.score, iou,
+                                        mask.quality))
+    return results
 
 
-def summarise_ious(records: list[tuple[str, str, float]]) -> dict:
+def evaluate(segmenter: Segmenter, embeddings: TrainingEmbeddings, images: list[ImageSamples],
+             decoder: MaskDecoder | None = None, max_objects: int | None = None,
+             calibration: Calibration | None = None) -> dict:
+    """Box-prompted mIoU through the serving path, per label and per object size, and how well the scores
+    rank and predict the IoUs (`score_metrics.score_report`)."""
+    return summarise(evaluate_objects(segmenter, embeddings, images, decoder, max_objects, calibration))
+
+
+def summarise(objects: list[ObjectResult]) -> dict:
     def group(rows: list[float]) -> dict:
         return {"miou": round(float(np.mean(rows)), 5) if rows else None, "n_objects": len(rows)}
 
-    ious = [r[2] for r in records]
+    ious = [o.iou for o in objects]
     return {**group(ious),
-            "per_label": {label: group([r[2] for r in records if r[0] == label])
-                          for label in sorted({r[0] for r in records})},
-            "by_size": {name: group([r[2] for r in records if r[1] == name]) for name, _, _ in SIZES}}
+            "per_label": {label: group([o.iou for o in objects if o.label == label])
+                          for label in sorted({o.label for o in objects})},
+            "by_size": {name: group([o.iou for o in objects if o.size == name]) for name, _, _ in SIZES},
+            "score": score_report([o.image_id for o in objects], [o.score for o in objects], ious)}
 
 
 # -- training ---------------------------------------------------------------------------------------------
@@ -215,7 +241,8 @@ def epoch_plan(images: list[ImageSamples], config: FineTuneConfig, epoch: int) -
 def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbeddings, config: FineTuneConfig,
               start_state: dict[str, torch.Tensor] | None = None, progress: bool = True,
               loss: WindowDiceLoss | SeedMSELoss | None = None) -> FineTuneResult:
-    """Train a copy of the mask decoder on the train split; early-stop on val mIoU, keep the best epoch.
+    """Train a copy of the mask decoder on the train split; early-stop on the mIoU of the held-out images set apart
+    for it (`held_out_sets`; "val" in the curves), keep the best epoch.
     loss: a loss object (trainer.losses); default: the one config.loss names."""
     from tqdm import tqdm
 
@@ -223,7 +250,7 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
         raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
     loss_fn = loss or make_loss(config)
     torch.manual_seed(config.seed)
-    train, val = dataset.split("train"), dataset.split("val")
+    train, (val, _) = dataset.split("train"), held_out_sets(dataset.images)
     if not train:
         raise DataError("no training images (the train split is empty)")
     decoder = decoder_copy(segmenter.model.sam.mask_decoder, start_state, trainable=True)
@@ -270,41 +297,62 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
 
 # -- gated registry write -----------------------------------------------------------------------------------
 def gate(new: float | None, current: float | None, margin: float, current_name: str) -> tuple[bool, str]:
-    """Promote only when the new decoder beats the served one by the margin on val mIoU."""
+    """Promote only when the new decoder beats the served one by the margin on the gate set's mIoU."""
     if new is None or current is None:
-        return False, "no validation images: cannot compare with the served model, not promoted"
+        return False, "no gate images (held-out annotations): cannot compare with the served model, not promoted"
     if new > current + margin:
-        return True, f"val mIoU {new:.4f} beats {current_name} {current:.4f} by {new - current:+.4f} (margin {margin})"
-    return False, f"val mIoU {new:.4f} does not beat {current_name} {current:.4f} by the margin {margin} ({new - current:+.4f})"
+        return True, (f"gate mIoU {new:.4f} beats {current_name} {current:.4f} by {new - current:+.4f} "
+                      f"(margin {margin})")
+    return False, (f"gate mIoU {new:.4f} does not beat {current_name} {current:.4f} by the margin {margin} "
+                   f"({new - current:+.4f})")
 
 
 def train_and_register(segmenter: Segmenter, dataset: Dataset, registry: Registry, model_dir: Path | str,
                        config: FineTuneConfig, progress: bool = True) -> dict:
     """Fine-tune from the active version (or base), write a new version always, activate it if it wins, prune.
 
-    Returns the report (version, promoted, reason, val_miou_base, val_miou_new, ...).
+    The held-out images split in two (`held_out_sets`): one picks the best epoch and fits the score's
+    recalibration, the other (the gate set) alone decides promotion and measures the calibrated score.
+    Returns the report (version, promoted, reason, gate and early-stopping mIoUs, gate score metrics, ...).
     """
     began = time.perf_counter()
     model = segmenter.model
-    parent, start_state = registry.active(), None
+    parent, start_state, start_calibration = registry.active(), None, None
     if parent is not None:
         try:
             registry.check_base_model(parent, model.identity)
             start_state = registry.load_decoder(parent)
+            start_calibration = Calibration.from_dict(registry.manifest(parent).get("calibration"))
         except RegistryError:
             log.warning("active version %s was trained on another base model: comparing with base", parent)
             parent = None
     embeddings = TrainingEmbeddings(segmenter, DiskEmbeddings(Path(model_dir) / "embeddings"))
     result = fine_tune(segmenter, dataset, embeddings, config, start_state, progress)
+    early_stop, gate_images = held_out_sets(dataset.images)
+    new_decoder = segmenter.fine_tuned_decoder(result.state)
+    fitted = evaluate_objects(segmenter, embeddings, early_stop, new_decoder, config.max_val_objects)
+    calibration = fit_calibration(np.array([o.score for o in fitted]), np.array([o.iou for o in fitted]))
+    current_decoder = segmenter.fine_tuned_decoder(start_state) if start_state is not None else None
+    gate_current = evaluate(segmenter, embeddings, gate_images, current_decoder, config.max_val_objects,
+                            start_calibration)
+    gate_objects = evaluate_objects(segmenter, embeddings, gate_images, new_decoder, config.max_val_objects)
+    gate_new = summarise([replace(o, score=calibration(o.score)) for o in gate_objects] if calibration
+                         else gate_objects)
     compared = parent or BASE_VERSION
-    promoted, reason = gate(result.val_miou_best, result.val_miou_start, config.margin, compared)
-    metrics = {"val_miou_base": result.val_miou_start, "val_miou_new": result.val_miou_best, "compared_with": compared,
-               "best_epoch": result.best_epoch, "epochs_run": len(result.curves), "curves": result.curves,
+    promoted, reason = gate(gate_new["miou"], gate_current["miou"], config.margin, compared)
+    metrics = {"gate_miou_current": gate_current["miou"], "gate_miou_new": gate_new["miou"], "compared_with": compared,
+               "gate_images": len(gate_images), "gate_objects": gate_new["n_objects"],
+               "early_stop_images": len(early_stop), "early_stop_miou_start": result.val_miou_start,
+               "early_stop_miou_best": result.val_miou_best, "best_epoch": result.best_epoch,
+               "epochs_run": len(result.curves), "gate_score": gate_new["score"],
+               "gate_score_uncalibrated": summarise(gate_objects)["score"] if calibration else gate_new["score"],
+               "gate_score_current": gate_current["score"], "curves": result.curves,
                "embeddings_computed": embeddings.computed, "seconds": round(time.perf_counter() - began, 1)}
     manifest = {"base_model": {"identity": model.identity, "variant": model.variant,
                                "weights_sha256": model.weights_sha256, "input_size": model.input_size},
                 "parent": parent, "data": dataset.summary, "hyperparameters": asdict(config), "metrics": metrics,
-                "promoted": promoted, "reason": reason}
+                "calibration": calibration.as_dict() if calibration else None, "promoted": promoted,
+                "reason": reason}
     version = registry.write_version(result.state, manifest)
     if promoted:
         registry.activate(version)
@@ -312,4 +360,5 @@ def train_and_register(segmenter: Segmenter, dataset: Dataset, registry: Registr
     log.info("version %s written, %s: %s", version, "promoted" if promoted else "not promoted", reason)
     return {"version": version, "promoted": promoted, "reason": reason, "active": registry.active(),
             "model_version": segmenter.model_version(registry.active() or BASE_VERSION), "pruned": pruned,
-            **{k: v for k, v in metrics.items() if k != "curves"}, "curves": result.curves}
+            "calibrated": calibration is not None, **{k: v for k, v in metrics.items() if k != "curves"},
+            "curves": result.curves}

@@ -1,24 +1,30 @@
-"""Training jobs: durable event and job records (SQLite under MODEL_DIR), coalescing, one trainer at a time,
-and the dispatcher that runs each job in its own low-priority child process.
+"""Training jobs: durable event and job records (SQLite under MODEL_DIR), coalescing, per-project locks, and
+the dispatcher that runs each job in its own low-priority child process.
 
 - Every webhook event is committed to `events` before the backend answers (WAL, synchronous=NORMAL: a commit
   survives any crash of the process; a power loss may drop the last ones, which cost a trigger count only,
   as jobs read the annotations themselves from Label Studio).
 - Per project at most one job is queued: events that arrive while a job is queued join it; events that
   arrive while one runs create (or join) the single follow-up job.
-- `claim_due` hands a due job to exactly one runner; runners hold `training.lock` (flock) while a job runs,
-  so one training process runs at a time across all processes sharing MODEL_DIR.
-- A job left "running" by a process that died is found by `recover` (run while holding the lock, when no
-  one else can be running) and marked failed, never left stuck.
+- Locks (flock, under MODEL_DIR/locks/): a runner holds its project's lock (`project-<name>.lock`) and one of
+  `concurrency` host slots (`slot-<i>.lock`) while a job runs, so one project's jobs never run twice at once
+  and at most `concurrency` jobs run at once across the processes sharing MODEL_DIR on a host. The command
+  line's `train` and `prelabel` take the project's lock too (no slot: another project's job never blocks them).
+- A job left "running" by a process that died is found by `recover`: a running job whose project lock is free
+  has no live process (the runner and its child hold the lock until the job is recorded), so it is failed,
+  never left stuck; jobs of projects whose lock is held are left alone.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -64,11 +70,14 @@ class Job:
     result: dict | None
     error: str | None
     kind: str = TRAIN
+    worker: str | None = None    # host:pid of the runner (Redis store; SQLite: the pid column only)
+    retry_of: int | None = None  # the job this one retries (Redis store: a run whose worker died)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Job":
+    def from_row(cls, row: sqlite3.Row | dict) -> "Job":
         data = dict(row)
-        data["result"] = json.loads(data["result"]) if data["result"] else None
+        if isinstance(data.get("result"), str):
+            data["result"] = json.loads(data["result"]) if data["result"] else None
         return cls(**data)
 
     def as_dict(self) -> dict:
@@ -198,15 +207,35 @@ class JobStore:
             db.execute("UPDATE jobs SET state=?, finished_at=?, result=?, error=? WHERE id=? AND state='running'",
                        (state, time.time(), json.dumps(result) if result is not None else None, error, job_id))
 
-    def recover(self, reason: str = "interrupted: the training process died") -> list[int]:
-        """Fail every job still marked running. Only call while holding the training lock."""
+    def due_jobs(self, now: float | None = None) -> list[Job]:
+        """Queued jobs whose time has come, in claiming order: training first, then the oldest."""
+        now = time.time() if now is None else now
         with self._connect() as db:
-            if db.execute("SELECT COUNT(*) FROM jobs WHERE state='running'").fetchone()[0] == 0:
+            rows = db.execute("SELECT * FROM jobs WHERE state='queued' AND not_before<=? "
+                              f"ORDER BY kind != '{TRAIN}', not_before, id", (now,)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def running_projects(self) -> list[str]:
+        with self._connect() as db:
+            return [r[0] for r in db.execute("SELECT DISTINCT project FROM jobs WHERE state='running'")]
+
+    def running(self, project: str) -> list[Job]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE project=? AND state='running' ORDER BY id",
+                              (project,)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def recover(self, reason: str = "interrupted: the training process died", project: str | None = None) -> list[int]:
+        """Fail the jobs still marked running (of `project`, or of all). Only call while holding that project's
+        lock (every project's, when None): then no live process runs them."""
+        query = "FROM jobs WHERE state='running' AND (? IS NULL OR project=?)"
+        with self._connect() as db:
+            if db.execute(f"SELECT COUNT(*) {query}", (project, project)).fetchone()[0] == 0:
                 return []
         with self._transaction() as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state='running'")]
-            db.execute("UPDATE jobs SET state='failed', finished_at=?, error=? WHERE state='running'",
-                       (time.time(), reason))
+            ids = [r["id"] for r in db.execute(f"SELECT id {query}", (project, project))]
+            db.execute("UPDATE jobs SET state='failed', finished_at=?, error=? WHERE state='running' "
+                       "AND (? IS NULL OR project=?)", (time.time(), reason, project, project))
         return ids
 
     # -- reading ------------------------------------------------------------------------------------
@@ -248,67 +277,213 @@ class JobStore:
                 "events_recorded": self.count_events(project)}
 
 
-@contextlib.contextmanager
-def training_lock(model_dir: Path | str) -> Iterator[int | None]:
-    """The cross-process lock a runner holds while a job runs; yields the fd, or None when it is taken."""
-    path = Path(model_dir) / "training.lock"
+LOCK_DIR = "locks"  # under MODEL_DIR
+
+
+def _lock_path(model_dir: Path | str, name: str) -> Path:
+    path = Path(model_dir) / LOCK_DIR / name
     path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def project_lock_path(model_dir: Path | str, project: str) -> Path:
+    """MODEL_DIR/locks/project-<project>.lock (a hash for a name that is not a plain file name)."""
+    name = project if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}", project) else \
+        "h-" + hashlib.sha256(project.encode()).hexdigest()[:24]
+    return _lock_path(model_dir, f"project-{name}.lock")
+
+
+def _try_flock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on path, or None when another open file holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield None
-            return
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_holder(fd: int, **holder: object) -> None:
+    """Note who holds a lock (pid, host, what, since) in its file, for the messages of those who wait."""
+    data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), **holder}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def lock_holder(model_dir: Path | str, project: str) -> dict | None:
+    """What the project's lock file says about its holder (meaningful only while the lock is held)."""
+    try:
+        return json.loads(project_lock_path(model_dir, project).read_text() or "null")
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def project_lock(model_dir: Path | str, project: str, wait_s: float = 0.0, on_busy: Callable[[], None] | None = None,
+                 poll_s: float = 0.25) -> Iterator[int | None]:
+    """The project's cross-process lock (flock): one job or command-line run of a project at a time. Waits up
+    to `wait_s` seconds (calling `on_busy` once if it has to wait); yields the fd, or None when still held."""
+    path = project_lock_path(model_dir, project)
+    fd = _try_flock(path)
+    if fd is None and wait_s > 0:
+        if on_busy is not None:
+            on_busy()
+        deadline = time.monotonic() + wait_s
+        while fd is None and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            fd = _try_flock(path)
+    try:
         yield fd
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
+
+
+def acquire_slot(model_dir: Path | str, concurrency: int) -> int | None:
+    """One of the host's `concurrency` job slots (flock on MODEL_DIR/locks/slot-<i>.lock), or None when all are
+    held. Every process sharing MODEL_DIR must use the same TRAINING_CONCURRENCY."""
+    for index in range(max(1, concurrency)):
+        fd = _try_flock(_lock_path(model_dir, f"slot-{index}.lock"))
+        if fd is not None:
+            return fd
+    return None
+
+
+def describe_busy(store: JobStore, model_dir: Path | str, project: str) -> str:
+    """One line naming what holds the project's lock: its running job, else the lock file's holder."""
+    running = store.running(project)
+    holder = lock_holder(model_dir, project) or {}
+    if running:
+        job = running[-1]
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(job.started_at or job.created_at))
+        return f"project {project}: job {job.id} ({job.kind}) is running since {since} (pid {job.pid})"
+    what = holder.get("what", "another process")
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder["since"])) if "since" in holder else "?"
+    return f"project {project}: {what} is running since {since} (pid {holder.get('pid', '?')} on {holder.get('host', '?')})"
+
+
+@dataclass
+class _Claim:
+    job: Job
+    slot_fd: int
+    project_fd: int
 
 
 class Dispatcher:
-    """Claims due jobs and runs `job_command + [job id]` as a child process, holding the training lock.
+    """Claims due jobs and runs `job_command + [job id]` as child processes, up to `concurrency` at once per
+    host, each holding its project's lock and a host slot.
 
-    The child inherits the lock, so if this process dies the lock stays held until the child ends; if the
-    child dies, its job is marked failed here; if both die, the next dispatcher's `recover` fails the job.
+    The child inherits both locks, so if this process dies they stay held until the child ends; if the child
+    dies, its job is marked failed here; if both die, the next dispatcher's `recover` fails the job.
     """
 
     def __init__(self, store: JobStore, model_dir: Path, job_command: list[str],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, concurrency: int = 1) -> None:
         self.store = store
         self.model_dir = Path(model_dir)
         self.job_command = job_command
         self.env = env
+        self.concurrency = max(1, concurrency)
 
-    def run_once(self) -> Job | None:
-        """Run at most one due job to its end; returns it, or None when nothing ran."""
-        with training_lock(self.model_dir) as fd:
-            if fd is None:
-                return None
-            for job_id in self.store.recover():
-                log.warning("job recovered as failed", extra={"job": job_id})
-            job = self.store.claim_due(os.getpid())
-            if job is None:
-                return None
-            started = time.perf_counter()
-            log.info("job started", extra={"job": job.id, "project": job.project, "trigger": job.trigger})
-            child = subprocess.Popen([*self.job_command, str(job.id)], pass_fds=(fd,), env=self.env)
+    def recover(self) -> list[int]:
+        """Fail the running jobs of every project whose lock is free (their processes died)."""
+        failed: list[int] = []
+        for project in self.store.running_projects():
+            with project_lock(self.model_dir, project) as fd:
+                if fd is not None:
+                    failed += self.store.recover(project=project)
+        for job_id in failed:
+            log.warning("job recovered as failed", extra={"job": job_id})
+        return failed
+
+    def claim(self) -> _Claim | None:
+        """Take a free slot, then the first due job (training first) whose project's lock is free; mark it
+        running. None when no slot is free or no such job is due."""
+        slot_fd = acquire_slot(self.model_dir, self.concurrency)
+        if slot_fd is None:
+            return None
+        try:
+            for candidate in self.store.due_jobs():
+                project_fd = _try_flock(project_lock_path(self.model_dir, candidate.project))
+                if project_fd is None:
+                    continue  # that project's job runs elsewhere: its next job waits, other projects go on
+                try:
+                    self.store.recover(project=candidate.project)
+                    job = self.store.claim_due(os.getpid(), job_id=candidate.id)
+                    if job is not None:
+                        write_holder(project_fd, what=f"job {job.id} ({job.kind})", job=job.id)
+                        return _Claim(job, slot_fd, project_fd)
+                except BaseException:
+                    os.close(project_fd)
+                    raise
+                os.close(project_fd)
+        except BaseException:
+            os.close(slot_fd)
+            raise
+        os.close(slot_fd)
+        return None
+
+    def _run(self, claim: _Claim) -> Job:
+        """Run a claimed job's child to its end, record a crash, release the locks."""
+        job = claim.job
+        started = time.perf_counter()
+        try:
+            log.info("job started", extra={"job": job.id, "project": job.project, "kind": job.kind,
+                                           "trigger": job.trigger})
+            try:
+                child = subprocess.Popen([*self.job_command, str(job.id)], pass_fds=(claim.slot_fd, claim.project_fd),
+                                         env=self.env)
+            except OSError as exc:
+                self.store.finish(job.id, "failed", error=f"could not start the training process: {exc}"[:2000])
+                raise
             self.store.set_pid(job.id, child.pid)
             code = child.wait()
             if code != 0:
                 why = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
                 self.store.finish(job.id, "failed", error=f"training process {why}")
-            finished = self.store.job(job.id)
-            log.info("job finished", extra={"job": job.id, "project": job.project, "state": finished.state,
-                                            "seconds": round(time.perf_counter() - started, 1),
-                                            "error": finished.error})
-            return finished
+            else:  # a no-op when the child recorded its end, as it should
+                self.store.finish(job.id, "failed", error="training process exited without recording the job's end")
+        finally:
+            os.close(claim.project_fd)
+            os.close(claim.slot_fd)
+        finished = self.store.job(job.id)
+        log.info("job finished", extra={"job": job.id, "project": job.project, "state": finished.state,
+                                        "seconds": round(time.perf_counter() - started, 1), "error": finished.error})
+        return finished
 
-    def run_due(self) -> int:
-        """Run jobs until none is due (or the lock is held elsewhere); returns how many ran."""
+    def run_once(self) -> Job | None:
+        """Run at most one due job to its end; returns it, or None when nothing ran."""
+        self.recover()
+        claim = self.claim()
+        return None if claim is None else self._run(claim)
+
+    def run_due(self, poll_s: float = 0.5) -> int:
+        """Run jobs, up to `concurrency` at once, until none is due and none of ours runs; returns how many
+        ran (0 when the slots or the due projects' locks are held elsewhere)."""
+        self.recover()
+        running: list[threading.Thread] = []
         count = 0
-        while self.run_once() is not None:
-            count += 1
-        return count
+        while True:
+            while (claim := self.claim()) is not None:
+                thread = threading.Thread(target=self._run_logged, args=(claim,), name=f"job-{claim.job.id}",
+                                          daemon=True)
+                thread.start()
+                running.append(thread)
+                count += 1
+            running = [t for t in running if t.is_alive()]
+            if not running:
+                return count
+            running[0].join(poll_s)
+
+    def _run_logged(self, claim: _Claim) -> None:
+        try:
+            self._run(claim)
+        except Exception:
+            log.exception("job run failed", extra={"job": claim.job.id})
 
     def loop(self, poll_s: float = 1.0) -> None:
         while True:

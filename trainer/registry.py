@@ -40,6 +40,21 @@ class VersionInfo:
     def promoted(self) -> bool:
         return bool(self.manifest.get("promoted"))
 
+    def summary(self) -> dict:
+        """What a person picks a version by: the gate's mIoUs (served model vs this one) and how well this
+        version's score predicted the gate set's IoUs (Spearman per object and per task, calibration error,
+        AUROC for bad masks). Versions from before the gate split report their val mIoUs."""
+        metrics = self.manifest.get("metrics", {})
+        score = metrics.get("gate_score") or {}
+        return {"version": self.version, "promoted": self.promoted, "created_at": self.manifest.get("created_at"),
+                "parent": self.manifest.get("parent"), "reason": self.manifest.get("reason"),
+                "loss": self.manifest.get("hyperparameters", {}).get("loss"),
+                "gate_miou_current": metrics.get("gate_miou_current", metrics.get("val_miou_base")),
+                "gate_miou_new": metrics.get("gate_miou_new", metrics.get("val_miou_new")),
+                "early_stop_miou_best": metrics.get("early_stop_miou_best"),
+                "calibrated": bool(self.manifest.get("calibration")),
+                **{k: score.get(k) for k in ("spearman_object", "spearman_task", "ece", "auroc_bad")}}
+
 
 def _crash_point(step: str) -> None:
     """Test-only fault injection: with REGISTRY_CRASH_AT=<step> the process kills itself (SIGKILL) there."""

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 
 from .decoder import UPSCALE, LowResMask, decode_windows, decoder_copy, prepare_image
+from .calibration import Calibration
 from .models import LoadedModel
+from .quality import expected_iou, measure_quality
 from .types import Box, Embedding, Mask, Point, Prompts
 
 BASE_VERSION = "base"
@@ -103,10 +105,12 @@ class Segmenter:
                 for i, (image, (_, resized)) in enumerate(zip(images, inputs))]
 
     @torch.inference_mode()
-    def decode(self, embedding: Embedding, prompts: Prompts, decoder: MaskDecoder | None = None) -> list[Mask]:
+    def decode(self, embedding: Embedding, prompts: Prompts, decoder: MaskDecoder | None = None,
+               calibration: Calibration | None = None) -> list[Mask]:
         """One mask per box (points refine a single box), or one mask for points alone.
 
-        Masks come back at the original resolution, as crops around the prompt (see `Mask`).
+        Masks come back at the original resolution, as crops around the prompt (see `Mask`), each scored with
+        its expected IoU (`trainer.quality`), mapped through the served version's `calibration` when it has one.
         """
         decoder = decoder or self.model.sam.mask_decoder
         embedding = embedding.to(self.model.device)  # from the disk cache: on the CPU
@@ -114,7 +118,7 @@ class Segmenter:
         if prompts.points and len(boxes) > 1:
             raise ValueError("points can refine one box at most")
         if prompts.points and not boxes and self.model.box_only:
-            return [self._box_search(embedding, prompts.points, decoder)]
+            return [self._box_search(embedding, prompts.points, decoder, calibration)]
         requests = [(box, prompts.points) for box in boxes] or ([(None, prompts.points)] if prompts.points else [])
         if not requests:
             return []
@@ -125,10 +129,11 @@ class Segmenter:
                 sparse = self._prompt_embedding(embedding, box, points)
                 window = self.grid_window(embedding, box, points)
                 (low_res,) = decode_windows(decoder, image, sparse, [window])
-                masks.append(self._to_original(embedding, low_res, box, points))
+                masks.append(self._to_original(embedding, low_res, box, points, calibration))
         return masks
 
-    def _box_search(self, embedding: Embedding, points: tuple[Point, ...], decoder: MaskDecoder) -> Mask:
+    def _box_search(self, embedding: Embedding, points: tuple[Point, ...], decoder: MaskDecoder,
+                    calibration: Calibration | None) -> Mask:
         """Clicks on a box-only model: try boxes of growing size around the positive clicks and keep the
         mask with the highest predicted IoU that covers the first click."""
         height, width = embedding.original_size
@@ -141,7 +146,7 @@ class Segmenter:
             candidates.append(Box(min([cx - r] + [p.x for p in positive]), min([cy - r] + [p.y for p in positive]),
                                   max([cx + r] + [p.x + 1 for p in positive]),
                                   max([cy + r] + [p.y + 1 for p in positive]), label))
-        masks = self.decode(embedding, Prompts(boxes=tuple(candidates)), decoder)
+        masks = self.decode(embedding, Prompts(boxes=tuple(candidates)), decoder, calibration)
         x, y = min(int(positive[0].x), width - 1), min(int(positive[0].y), height - 1)
         covering = [m for m in masks if m.full()[y, x]]
         return max(covering or masks, key=lambda m: m.score)
@@ -177,7 +182,7 @@ class Segmenter:
                 min(limit_y, math.ceil(y1 + my)), min(limit_x, math.ceil(x1 + mx)))
 
     def _to_original(self, embedding: Embedding, low_res: LowResMask, box: Box | None,
-                     points: tuple[Point, ...]) -> Mask:
+                     points: tuple[Point, ...], calibration: Calibration | None) -> Mask:
         """Bilinear resampling of the window's logits onto the original pixels it covers; threshold 0."""
         height, width = embedding.original_size
         low_res_per_input = UPSCALE * embedding.grid_per_input
@@ -194,4 +199,8 @@ class Segmenter:
                                padding_mode="border", align_corners=False)[0, 0]
         crop = (logits > 0).cpu().numpy()
         label = box.label if box is not None else next((p.label for p in points if p.label), None)
-        return Mask(crop=crop, x0=x0, y0=y0, image_size=(height, width), score=low_res.iou, label=label)
+        box_area = (box.x1 - box.x0) * (box.y1 - box.y0) if box is not None else None
+        quality = measure_quality(logits, crop, low_res.iou, box_area)
+        score = expected_iou(quality)
+        return Mask(crop=crop, x0=x0, y0=y0, image_size=(height, width), label=label, quality=quality,
+                    score=calibration(score) if calibration is not None else score)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .quality import MaskQuality
+
 
 @dataclass(frozen=True)
 class Box:
@@ -100,7 +102,7 @@ class Mask:
     """One predicted mask, stored as the crop where it can be non-zero.
 
     crop: bool (h, w) array whose top-left pixel is (x0, y0) in an image of size image_size (H, W).
-    score: the model's predicted IoU.
+    score: the expected IoU in [0, 1] (trainer.quality); quality: the signals it was computed from.
     """
 
     crop: np.ndarray
@@ -109,6 +111,7 @@ class Mask:
     image_size: tuple[int, int]
     score: float
     label: str | None = None
+    quality: MaskQuality | None = None
 
     def full(self) -> np.ndarray:
         """The mask as a bool (H, W) array."""
