@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Callable, Iterator
@@ -106,6 +107,18 @@ class Training:
         self._dispatcher = dispatcher(settings) if settings.runner == "embedded" else None
         if self._dispatcher:
             self._dispatcher.start_thread()
+        if isinstance(self.store, RedisJobStore):  # a dead host's job is failed and retried even when all is idle
+            threading.Thread(target=self._reap_forever, name="training-reaper", daemon=True).start()
+
+    def _reap_forever(self) -> None:
+        """Every half lock-lifetime: fail (and retry once) the running jobs whose project lock has expired."""
+        period = max(1.0, self.settings.training_lock_ttl_s / 2)
+        while True:
+            time.sleep(period)
+            try:
+                redis_runner(self.settings).reap()
+            except Exception as exc:  # Redis away for a moment: the next round tries again
+                log.warning("reaping failed", extra={"error": str(exc)})
 
     def record(self, project: str, action: str, annotations: int) -> tuple[int, int | None]:
         event_id, job_id = self.store.record_event(project, action, annotations, self.policy)

@@ -33,7 +33,7 @@ def _check(response) -> None:
     assert response.is_json, response.get_data(as_text=True)[:200]
 
 
-@FUZZ
+@settings(FUZZ, max_examples=200)  # most bodies are refused early: enough of them must load and reach a mask
 @given(body=fuzzing.predict_bodies)
 def test_predict_never_5xx(client, body):
     response = client.post("/predict", json=body)

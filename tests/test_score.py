@@ -16,7 +16,7 @@ from trainer.finetune import FineTuneConfig, train_and_register
 from trainer.quality import MaskQuality, expected_iou, measure_quality
 from trainer.registry import Registry
 from trainer.score_metrics import auroc_bad, bad_found, expected_calibration_error, score_report
-from trainer.types import Box, Prompts
+from trainer.types import Box, Point, Prompts
 
 
 def quality_of(logits: np.ndarray, predicted_iou: float = 0.9, box_area: float | None = None) -> MaskQuality:
@@ -142,3 +142,22 @@ def test_a_training_job_stores_its_recalibration_and_serving_applies_it(segmente
 def summary_has_gate_metrics(summary: dict) -> bool:
     return all(summary[k] is not None for k in ("gate_miou_current", "gate_miou_new", "spearman_object", "ece")) \
         and summary["calibrated"] is True
+
+
+def test_a_click_keeps_the_most_confident_mask_and_its_score_ignores_the_search_box(segmenter) -> None:
+    """Clicks on the box-only default model search boxes around the click: the mask is still the one SAM is
+    surest of (the fill of a search box says nothing about the object), and its score has no fill discount."""
+    image = load_coco(DATASET).split("test")[0]
+    embedding = segmenter.embed(image.load_image())
+    for sample in image.samples[:4]:
+        ys, xs = np.nonzero(sample.mask)
+        click = Point(float(xs[len(xs) // 2]), float(ys[len(ys) // 2]))
+        (mask,) = segmenter.decode(embedding, Prompts(points=(click,)))
+        assert mask.full()[int(click.y), int(click.x)] and mask.quality.box_fill == 1.0
+        assert mask.score == pytest.approx(expected_iou(mask.quality))
+        height, width = embedding.original_size
+        candidates = [Box(click.x - r, click.y - r, click.x + r, click.y + r) for r in
+                      (f * max(height, width) / 2 for f in segmenter.CLICK_BOX_FRACTIONS)]
+        covering = [m for m in segmenter.decode(embedding, Prompts(boxes=tuple(candidates)))
+                    if m.full()[int(click.y), int(click.x)]]
+        assert mask.quality.predicted_iou == pytest.approx(max(m.quality.predicted_iou for m in covering))

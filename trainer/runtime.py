@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import cv2
@@ -135,7 +136,8 @@ class Segmenter:
     def _box_search(self, embedding: Embedding, points: tuple[Point, ...], decoder: MaskDecoder,
                     calibration: Calibration | None) -> Mask:
         """Clicks on a box-only model: try boxes of growing size around the positive clicks and keep the
-        mask with the highest predicted IoU that covers the first click."""
+        mask with the highest predicted IoU that covers the first click. Its score ignores how much of its
+        search box it fills (that box is ours, not the object's)."""
         height, width = embedding.original_size
         positive = [p for p in points if p.positive] or list(points)
         cx, cy = np.mean([p.x for p in positive]), np.mean([p.y for p in positive])
@@ -146,10 +148,13 @@ class Segmenter:
             candidates.append(Box(min([cx - r] + [p.x for p in positive]), min([cy - r] + [p.y for p in positive]),
                                   max([cx + r] + [p.x + 1 for p in positive]),
                                   max([cy + r] + [p.y + 1 for p in positive]), label))
-        masks = self.decode(embedding, Prompts(boxes=tuple(candidates)), decoder, calibration)
+        masks = self.decode(embedding, Prompts(boxes=tuple(candidates)), decoder)
         x, y = min(int(positive[0].x), width - 1), min(int(positive[0].y), height - 1)
         covering = [m for m in masks if m.full()[y, x]]
-        return max(covering or masks, key=lambda m: m.score)
+        best = max(covering or masks, key=lambda m: m.quality.predicted_iou)
+        quality = dataclasses.replace(best.quality, box_fill=1.0)
+        score = expected_iou(quality)
+        return dataclasses.replace(best, quality=quality, score=calibration(score) if calibration else score)
 
     def _prompt_embedding(self, embedding: Embedding, box: Box | None, points: tuple[Point, ...]) -> torch.Tensor:
         box_tensor = None
