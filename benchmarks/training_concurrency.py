@@ -47,7 +47,9 @@ def run_config(redis_url: str, root: Path, coco: Path, workers: int, epochs: int
     for project in PROJECTS:
         (model_dir / f"epochs-{project}").write_text(str(epochs))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
-    env.update(MODEL_DIR=str(model_dir), REDIS_URL=redis_url, LOG_LEVEL="WARNING", TRAINING_JOB_COMMAND_FOR_TESTS=json.dumps(
+    threads = max(1, (os.cpu_count() or 1) // workers)  # each worker its share of the cores, as a host would run them
+    env.update(OMP_NUM_THREADS=str(threads), MODEL_DIR=str(model_dir), REDIS_URL=redis_url, LOG_LEVEL="WARNING",
+               TRAINING_JOB_COMMAND_FOR_TESTS=json.dumps(
         [sys.executable, "-c", JOB_CHILD, str(REPO), redis_url, str(model_dir), str(coco)]))
     processes = []
     for i in range(workers):
@@ -69,7 +71,7 @@ def run_config(redis_url: str, root: Path, coco: Path, workers: int, epochs: int
         jobs = wait_for(lambda: all(store.job(i).state in ("succeeded", "failed") for i in ids)
                         and [store.job(i) for i in ids], timeout, "both jobs ended", interval=0.2)
         wall = time.monotonic() - started
-        return {"workers": workers, "wall_s": round(wall, 1), "states": [j.state for j in jobs],
+        return {"workers": workers, "torch_threads_per_job": threads, "wall_s": round(wall, 1), "states": [j.state for j in jobs],
                 "job_s": [round(j.finished_at - j.started_at, 1) for j in jobs],
                 "overlapped": jobs[0].started_at < jobs[1].finished_at and jobs[1].started_at < jobs[0].finished_at,
                 "rq_workers_used": sorted({j.worker.split("@")[0] for j in jobs}), "loadavg_before": load_before,
@@ -83,7 +85,7 @@ def run_config(redis_url: str, root: Path, coco: Path, workers: int, epochs: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -102,7 +104,8 @@ def main() -> None:
               "machine_busy": busy,
               "note": ("the machine was busy before the run (1-min load average above half the cores): two workers "
                        "compete for the same cores, so the speed-up is a lower bound" if busy else
-                       "the machine was idle before the run") + "; wall time includes each job's model load; a warm-up "
+                       "the machine was idle before the run") + "; each job runs with the cores / workers torch threads "
+                      "(OMP_NUM_THREADS); wall time includes each job's model load; a warm-up "
                       "run filled the embedding cache both configurations share, so neither pays for encoding"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
