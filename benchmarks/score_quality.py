@@ -47,6 +47,26 @@ def raw_predicted_iou(o: ObjectResult) -> float:
     return 0.0 if o.quality.stability <= 0 else min(1.0, max(0.0, o.quality.predicted_iou))
 
 
+CANDIDATES = {  # the formulas compared when choosing trainer.quality.expected_iou (from the same signals)
+    "raw_predicted_iou": raw_predicted_iou,
+    "stability": lambda o: o.quality.stability,
+    "predicted_iou_x_stability": lambda o: min(1.0, max(0.0, o.quality.predicted_iou)) * o.quality.stability,
+    "issue_first_try": lambda o: min(1.0, max(0.0, o.quality.predicted_iou * o.quality.stability
+                                               * min(o.quality.box_fill / 0.6, 1.0))),
+    "served_expected_iou": lambda o: o.score,
+}
+
+
+def candidates(objects: list[ObjectResult]) -> dict:
+    """Spearman per object and AUROC for bad masks of each candidate formula."""
+    out = {}
+    for name, score in CANDIDATES.items():
+        r = report(objects, score)
+        out[name] = {"spearman_object": r["spearman_object"], "spearman_task": r["spearman_task"],
+                     "auroc_bad": r["auroc_bad"]}
+    return out
+
+
 def serving_cost(segmenter, embeddings, image, repeat: int) -> dict:
     """A warm decode of 10 boxes, with the quality signals and with them replaced by a constant."""
     embedding = embeddings.get(image)
@@ -111,6 +131,7 @@ def main() -> int:
             "gate_score": trained["gate_score"], "gate_score_uncalibrated": trained["gate_score_uncalibrated"],
             "test_split": {"raw_predicted_iou": report(test_new, raw_predicted_iou),
                            "expected_iou_uncalibrated": report(test_new), "expected_iou_calibrated": report(calibrated)}},
+        "candidates": {"base_val_test": candidates(base), "after_training_test": candidates(test_new)},
         "serving_cost": cost, "seconds": round(time.perf_counter() - began, 1),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -263,6 +263,9 @@ def test_training_is_reproducible(segmenter: Segmenter, dataset: Dataset, embedd
     untimed = lambda curves: [{k: v for k, v in c.items() if "seconds" not in k} for c in curves]
     assert untimed(first.curves) == untimed(second.curves)
     assert first.val_miou_start is not None and first.best_epoch in (1, 2)
+    # the best epoch's early-stopping objects come along (the recalibration is fitted on them, not re-decoded)
+    assert first.val_objects and first.val_miou_best == pytest.approx(np.mean([o.iou for o in first.val_objects]),
+                                                                      abs=1e-5)
     with pytest.raises(DataError):
         fine_tune(segmenter, Dataset(val), embeddings, config, progress=False)
 

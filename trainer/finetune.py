@@ -202,9 +202,13 @@ def evaluate(segmenter: Segmenter, embeddings: TrainingEmbeddings, images: list[
     return summarise(evaluate_objects(segmenter, embeddings, images, decoder, max_objects, calibration))
 
 
+def mean_iou(ious: list[float]) -> float | None:
+    return round(float(np.mean(ious)), 5) if ious else None
+
+
 def summarise(objects: list[ObjectResult]) -> dict:
     def group(rows: list[float]) -> dict:
-        return {"miou": round(float(np.mean(rows)), 5) if rows else None, "n_objects": len(rows)}
+        return {"miou": mean_iou(rows), "n_objects": len(rows)}
 
     ious = [o.iou for o in objects]
     return {**group(ious),
@@ -222,6 +226,7 @@ class FineTuneResult:
     val_miou_best: float | None
     best_epoch: int
     curves: list[dict] = field(default_factory=list)  # per epoch: train_loss, val_miou, objects, seconds
+    val_objects: list[ObjectResult] = field(default_factory=list)  # the best epoch's early-stopping set, scored
 
 
 def epoch_plan(images: list[ImageSamples], config: FineTuneConfig, epoch: int) -> list[tuple[ImageSamples, list[int]]]:
@@ -257,13 +262,16 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
     # fused: one kernel per tensor; the per-op loop costs ~1.7 s a step on a busy 2-core machine
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
-    def val_miou() -> float | None:
-        return evaluate(segmenter, embeddings, val, decoder_copy(decoder), config.max_val_objects)["miou"] if val else None
+    def val_objects() -> list[ObjectResult]:
+        return evaluate_objects(segmenter, embeddings, val, decoder_copy(decoder), config.max_val_objects)
+
+    def miou(objects: list[ObjectResult]) -> float | None:
+        return mean_iou([o.iou for o in objects])
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
 
-    start = val_miou()
+    start = miou(val_objects())
     best = FineTuneResult(snapshot(), start, None, 0)
     log.info("epoch 0: val mIoU %s (starting decoder)", start)
     for epoch in range(1, config.epochs + 1):
@@ -281,14 +289,16 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
             optimizer.step()
             losses.append(value.item())
         trained = time.perf_counter() - began
-        miou = val_miou()
-        best.curves.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_miou": miou,
+        objects = val_objects()
+        epoch_miou = miou(objects)
+        best.curves.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_miou": epoch_miou,
                             "objects": sum(len(p) for _, p in plan), "train_seconds": round(trained, 2),
                             "seconds": round(time.perf_counter() - began, 2)})
-        log.info("epoch %d: train loss %.4f, val mIoU %s, %.1f s", epoch, best.curves[-1]["train_loss"], miou,
+        log.info("epoch %d: train loss %.4f, val mIoU %s, %.1f s", epoch, best.curves[-1]["train_loss"], epoch_miou,
                  best.curves[-1]["seconds"])
-        if miou is None or best.best_epoch == 0 or miou > best.val_miou_best:  # no val: keep the last epoch
-            best.state, best.val_miou_best, best.best_epoch = snapshot(), miou, epoch
+        if epoch_miou is None or best.best_epoch == 0 or epoch_miou > best.val_miou_best:  # no val: the last epoch
+            best.state, best.val_miou_best, best.best_epoch = snapshot(), epoch_miou, epoch
+            best.val_objects = objects
         elif epoch - best.best_epoch >= config.patience and epoch < config.epochs:
             log.info("early stop: no better val mIoU since epoch %d", best.best_epoch)
             break
@@ -330,7 +340,7 @@ def train_and_register(segmenter: Segmenter, dataset: Dataset, registry: Registr
     result = fine_tune(segmenter, dataset, embeddings, config, start_state, progress)
     early_stop, gate_images = held_out_sets(dataset.images)
     new_decoder = segmenter.fine_tuned_decoder(result.state)
-    fitted = evaluate_objects(segmenter, embeddings, early_stop, new_decoder, config.max_val_objects)
+    fitted = result.val_objects  # the early-stopping set, scored by the best epoch's decoder
     calibration = fit_calibration(np.array([o.score for o in fitted]), np.array([o.iou for o in fitted]))
     current_decoder = segmenter.fine_tuned_decoder(start_state) if start_state is not None else None
     gate_current = evaluate(segmenter, embeddings, gate_images, current_decoder, config.max_val_objects,
