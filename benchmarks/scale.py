@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.common import machine
 from ml_backend.backend import SamBackend
 from ml_backend.prelabel import prelabel_project
-from ml_backend.protocol import PredictRequest, parse_label_config
+from ml_backend.protocol import image_refs, parse_label_config, parse_predict_request
 from ml_backend.settings import Settings
 from tests.image_server import serve_files
 from tests.label_studio import rect_result, start_label_studio
@@ -56,6 +56,11 @@ def peak_rss_during(fn) -> tuple[object, float]:
 
 def main() -> None:
     config = parse_label_config(CONFIG)
+
+    def batch(tasks: list[dict], context: dict | None = None):
+        """A /predict body for project 7 as the route parses it (the editor's when `context` is given)."""
+        body = {"tasks": tasks, "label_config": CONFIG, "project": "7"}
+        return parse_predict_request(body | ({"params": {"context": context}} if context else {}), 10**6)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "images").mkdir()
@@ -84,12 +89,12 @@ def main() -> None:
             # 2. Retrieve predictions: one call with new images, no deadline reached
             tasks = [box_task(i, urls[p]) for i, p in enumerate(sets[1])]
             started = time.perf_counter()
-            answer = backend.predict(PredictRequest(tasks, config, "7", None))
+            answer = backend.predict(batch(tasks))
             retrieve_s = time.perf_counter() - started
             assert answer.answered == len(tasks)
 
             # 3. pre-warm throughput
-            backend.prewarm_tasks("7", [box_task(100 + i, urls[p]) for i, p in enumerate(sets[2])], config)
+            backend.prewarm_tasks("7", image_refs([box_task(100 + i, urls[p]) for i, p in enumerate(sets[2])], config))
             started = time.perf_counter()
             assert backend.prewarmer.wait_idle(600)
             prewarm_s = time.perf_counter() - started
@@ -103,12 +108,12 @@ def main() -> None:
                 samples = []
                 for _ in range(n):
                     started = time.perf_counter()
-                    backend.predict(PredictRequest(warm, config, "7", None))
+                    backend.predict(batch(warm))
                     samples.append(time.perf_counter() - started)
                 return samples
 
             idle_before = live_calls(10)
-            backend.prewarm_tasks("7", [box_task(200 + i, urls[p]) for i, p in enumerate(sets[3])], config)
+            backend.prewarm_tasks("7", image_refs([box_task(200 + i, urls[p]) for i, p in enumerate(sets[3])], config))
             time.sleep(0.5)
             busy, busy_rounds = [], 0
             while backend.prewarmer.status()["queued"] > 1 and busy_rounds < 40:
@@ -122,8 +127,8 @@ def main() -> None:
             # 5. first interactive click on a pre-warmed image (disk) vs an immediate second click (memory)
             first, second = [], []
             for i, path in enumerate(sets[2][:8]):
-                query = PredictRequest([box_task(300 + i, urls[path], with_box=False)], config, "7",
-                                       {"result": [rect_result(20, 20, 40, 30, 100, 100, "nucleus")]})
+                query = batch([box_task(300 + i, urls[path], with_box=False)],
+                              {"result": [rect_result(20, 20, 40, 30, 100, 100, "nucleus")]})
                 for samples in (first, second):
                     started = time.perf_counter()
                     backend.predict(query)
@@ -137,7 +142,7 @@ def main() -> None:
                 big_tasks = [box_task(i, u) for i, u in enumerate(many)]
                 before = rss_mb()
                 started = time.perf_counter()
-                big_answer, peak = peak_rss_during(lambda: big.predict(PredictRequest(big_tasks, config, "7", None)))
+                big_answer, peak = peak_rss_during(lambda: big.predict(batch(big_tasks)))
                 many_s = time.perf_counter() - started
 
         # 7. the bulk job through a real Label Studio

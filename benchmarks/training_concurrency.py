@@ -65,7 +65,7 @@ def run_config(redis_url: str, root: Path, coco: Path, workers: int, epochs: int
         settings = Settings.from_env({"REDIS_URL": redis_url, "MODEL_DIR": str(model_dir)})
         load_before = [round(x, 2) for x in os.getloadavg()]
         started = time.monotonic()
-        ids = [store.record_event(p, "START_TRAINING", 0, TriggerPolicy())[1] for p in PROJECTS]
+        ids = [store.record_event(p, "START_TRAINING", 0, TriggerPolicy(), explicit=True)[1] for p in PROJECTS]
         for job_id in ids:
             rq_wake(settings, job_id)
         jobs = wait_for(lambda: all(store.job(i).state in ("succeeded", "failed") for i in ids)

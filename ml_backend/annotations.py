@@ -21,7 +21,7 @@ from trainer.types import Box
 
 from . import protocol
 from .fetch import ImageError, ImageFetcher, ImageSource
-from .label_studio import export_project
+from .label_studio import ConnectError, ProjectClient
 from .protocol import region_label
 
 log = logging.getLogger(__name__)
@@ -218,12 +218,14 @@ def _ls_loader(loader: ImageLoader, url: str, task: dict, size: tuple[int, int])
     return load
 
 
-def task_image_loader(source: ImageSource, root: Path | None = None) -> ImageLoader:
+def task_image_loader(source: ImageSource, root: Path | None = None,
+                      fetcher: ImageFetcher | None = None) -> ImageLoader:
     """Task images: an export's local files (relative to root, or /data/local-files/?d=...) are read from disk;
-    every other URL goes through serving's SSRF-checked loader (Label Studio with its token, ALLOWED_IMAGE_HOSTS,
-    cloud URIs through Label Studio's presign, data: URIs) and is refused otherwise.
+    every other URL goes through serving's SSRF-checked loader (`fetcher`, a project client's, else one of
+    `source`: Label Studio with its token, ALLOWED_IMAGE_HOSTS, cloud URIs through Label Studio's presign, data:
+    URIs) and is refused otherwise.
     """
-    remote = ImageFetcher(source)
+    remote = fetcher or ImageFetcher(source)
 
     def load(url: str, task: dict) -> np.ndarray:
         local = _local_file(url, root)
@@ -251,20 +253,17 @@ def _local_file(url: str, root: Path | None) -> Path | None:
 
 
 # -- Label Studio project -------------------------------------------------------------------------------
-def load_label_studio_project(project_id: int, source: ImageSource, image_loader: ImageLoader | None = None,
-                              val_fraction: float = 0.2) -> Dataset:
-    """Export a Label Studio project's annotated tasks (JSON) through label-studio-sdk and parse them.
-
-    source: Label Studio's URL and token (legacy token or personal access token), and the image-fetching rules.
-    """
-    base_url = source.label_studio_url or ""
+def load_label_studio_project(client: ProjectClient, val_fraction: float = 0.2) -> Dataset:
+    """Export a Label Studio project's annotated tasks (JSON) through its client and parse them; the images come
+    through the same client (one token)."""
+    base_url = (client.source.label_studio_url or "").rstrip("/")
     try:
-        label_config, tasks = export_project(base_url, source.token, project_id)
-    except Exception as exc:  # the SDK raises its own ApiError, httpx errors, JSON errors
-        raise DataError(f"cannot export Label Studio project {project_id} from {base_url}: {exc}") from exc
-    return load_label_studio_export(tasks, image_loader or task_image_loader(source),
+        label_config, tasks = client.export()
+    except ConnectError as exc:
+        raise DataError(f"cannot export Label Studio project {client.project} from {base_url}: {exc}") from exc
+    return load_label_studio_export(tasks, task_image_loader(client.source, fetcher=client.images),
                                     image_data_key(label_config), val_fraction,
-                                    source=f"label-studio-project:{base_url.rstrip('/')}/projects/{project_id}")
+                                    source=f"label-studio-project:{base_url}/projects/{client.project}")
 
 
 def image_data_key(label_config: str) -> str | None:
@@ -286,7 +285,7 @@ def load_data(spec: str, source: ImageSource = ImageSource(), val_fraction: floa
             raise DataError(f"{spec!r}: a Label Studio project is given as ls://<project id>")
         if not source.label_studio_url or not source.token:
             raise DataError("ls://<project id> needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-        return load_label_studio_project(int(raw), source, val_fraction=val_fraction)
+        return load_label_studio_project(ProjectClient(source, raw), val_fraction=val_fraction)
     path = Path(spec)
     if path.is_dir():
         return load_coco(path, val_fraction)

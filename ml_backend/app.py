@@ -11,8 +11,10 @@ from werkzeug.exceptions import HTTPException
 
 from . import protocol
 from .auth import install_auth
+from .backend_match import instance_id
 from .backend import SamBackend
 from .settings import Settings
+from .shutdown import stop_at_exit
 from .webhooks import parse_new_tasks, parse_webhook
 from .training import Training
 
@@ -26,12 +28,19 @@ def _json_body() -> dict:
     return body
 
 
+def _reason(response: Response) -> str | None:
+    """The `error` of a JSON error answer (every 4xx of this app has one), else its status text."""
+    body = response.get_json(silent=True) if response.is_json else None
+    return body.get("error") if isinstance(body, dict) and body.get("error") else response.status
+
+
 def create_app(settings: Settings | None = None, backend: SamBackend | None = None,
                training: Training | None = None) -> Flask:
     """Build the app; the model is loaded here, once per process (gunicorn: once per worker)."""
     settings = settings or Settings.from_env()
     backend = backend or SamBackend(settings)
     training = training or Training(settings)
+    instance = instance_id(settings.model_dir)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 1024 * 1024)
 
@@ -42,9 +51,12 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
 
     @app.after_request
     def log_request(response: Response) -> Response:
-        log.info("request", extra={"method": request.method, "path": request.path, "status": response.status_code,
-                                   "ms": round(1000 * (time.perf_counter() - g.get("started", time.perf_counter())), 1),
-                                   **g.get("log", {})})
+        fields = {"method": request.method, "path": request.path, "status": response.status_code,
+                  "ms": round(1000 * (time.perf_counter() - g.get("started", time.perf_counter())), 1),
+                  **g.get("log", {})}
+        if 400 <= response.status_code < 500:  # Label Studio shows only "see the ML backend's logs": say why here
+            fields["error"] = _reason(response)
+        log.log(logging.WARNING if response.status_code >= 400 else logging.INFO, "request", extra=fields)
         return response
 
     install_auth(app, settings.basic_auth_user, settings.basic_auth_pass, settings.auth_token)
@@ -73,8 +85,9 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         return jsonify(error=f"internal error: {type(exc).__name__}"), 500
 
     @app.get("/health")
-    def health():
-        return jsonify(status="UP", model_class="SamBackend", model=backend.segmenter.model.identity)
+    def health():  # instance: MODEL_DIR's id, by which `connect` recognises this backend under any URL
+        return jsonify(status="UP", model_class="SamBackend", model=backend.segmenter.model.identity,
+                       instance=instance)
 
     @app.get("/")
     def index():
@@ -97,24 +110,29 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         query = protocol.parse_predict_request(request.get_json(silent=True), settings.max_tasks)
         answer = backend.predict(query)
         g.log = {"project": query.project, "tasks": len(query.tasks), "interactive": query.interactive,
-                 "answered": answer.answered, "deferred": answer.deferred, "failed": answer.failed}
-        return jsonify(results=answer.results, model_version=backend.model_version(query.project))
+                 "answered": answer.answered, "deferred": answer.deferred, "failed": answer.failed,
+                 "no_boxes": answer.without_boxes}
+        return jsonify(results=protocol.results(answer.answers, query.config, answer.model_version),
+                       model_version=backend.model_version(query.project))
 
     @app.post("/webhook")
     def webhook():
         body = _json_body()
         new_tasks = parse_new_tasks(body)
         if new_tasks is not None:
-            queued = backend.prewarm_tasks(new_tasks.project, new_tasks.tasks, new_tasks.config)
-            g.log = {"action": "TASKS_CREATED", "project": new_tasks.project, "tasks": len(new_tasks.tasks),
+            queued = backend.prewarm_tasks(new_tasks.project, new_tasks.images)
+            g.log = {"action": "TASKS_CREATED", "project": new_tasks.project, "tasks": new_tasks.tasks,
                      "prewarm_queued": queued}
             return jsonify(status="prewarming", queued=queued)
         event = parse_webhook(body)
         if event is None:
             g.log = {"action": body.get("action"), "ignored": True}
             return jsonify(status="ignored")
-        event_id, job_id = training.record(event.project, event.action, event.annotations)
-        g.log = {"action": event.action, "project": event.project, "event": event_id, "job": job_id}
+        event_id, job_id = training.record(event.project, event.action, event.annotations, event.key, event.explicit)
+        if event_id is None:  # the same annotation state through a second webhook to this backend
+            g.log = {"action": event.action, "project": event.project, "duplicate": True}
+            return jsonify(status="duplicate")
+        g.log = {"action": event.action, "project": event.project, "event_id": event_id, "job": job_id}
         return jsonify(status="recorded", event=event_id, job=job_id)
 
     @app.get("/versions")
@@ -156,4 +174,9 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         status["model_version"] = backend.model_version(project)
         return jsonify(status)
 
+    stop_at_exit(backend)
+    model = backend.segmenter.model
+    logging.getLogger("ml_backend").info("ready", extra={
+        "model": model.identity, "variant": model.variant, "device": str(model.device),
+        "model_version": backend.model_version(None), "runner": settings.runner, "settings": settings.loggable()})
     return app

@@ -1,4 +1,5 @@
-"""The request path: Label Studio tasks -> images -> embeddings -> masks -> Label Studio predictions."""
+"""The request path, on typed objects only (ml_backend/protocol.py parses the body and formats the answer):
+PredictTask -> image (the project's Label Studio client) -> embedding (cache) -> masks -> TaskAnswer."""
 from __future__ import annotations
 
 import logging
@@ -17,14 +18,17 @@ import torch
 
 from trainer.active import ActiveDecoders
 from trainer.cache import DiskEmbeddings, EmbeddingCache, image_key
+from trainer.clicks import ClickMemory
 from trainer.models import load_model
 from trainer.runtime import Segmenter
 from trainer.types import Prompts
 
 from . import protocol
 from .compute import ComputePool, Deferred
-from .fetch import ImageError, ImageFetcher, ImageSource, image_source
-from .label_studio import ConnectError, LabelStudioClient, connection_path, save_connection
+from .credentials import connection_path, save_connection
+from .fetch import ImageError, ImageFetcher, image_source
+from .label_studio import ConnectError, ProjectClient
+from .protocol import ImageRef, PredictRequest, PredictTask, ProtocolError, TaskAnswer
 from .netpolicy import parse_allowed_hosts
 from .prewarm import ImageJob, Prewarmer
 from .settings import Settings
@@ -46,18 +50,26 @@ def build_segmenter(settings: Settings, serving: bool = True) -> Segmenter:
 
 @dataclass(frozen=True)
 class Predictions:
-    """A /predict answer: one entry per task, and how many were deferred to a later call."""
+    """A /predict answer: one TaskAnswer per task, in task order, of `model_version`; how many were deferred."""
 
-    results: list[dict]
+    answers: tuple[TaskAnswer, ...]
+    model_version: str
     deferred: int = 0
+
+    def _count(self, state: str) -> int:
+        return sum(1 for answer in self.answers if answer.state == state)
 
     @property
     def failed(self) -> int:
-        return sum(1 for r in self.results if "error" in r)
+        return self._count(protocol.FAILED)
 
     @property
     def answered(self) -> int:
-        return sum(1 for r in self.results if "result" in r)
+        return self._count(protocol.PREDICTED)
+
+    @property
+    def without_boxes(self) -> int:
+        return self._count(protocol.NO_BOXES)
 
 
 class SamBackend:
@@ -73,12 +85,13 @@ class SamBackend:
         disk = (DiskEmbeddings(settings.model_dir / "embeddings", settings.disk_cache_mb) if settings.disk_cache
                 else None)
         self.cache = EmbeddingCache(settings.cache_mb, disk)
+        self.clicks = ClickMemory()  # the editor's earlier click steps: one step per interactive call
         self.prewarmer = Prewarmer(self.segmenter, self.cache, settings.prewarm_queue, settings.encoder_batch_size)
         self.compute = ComputePool(settings.predict_concurrency)
         self._new_image_s = 0.0  # moving average of a new image's encode + decodes
         self.decoders = ActiveDecoders(settings.model_dir, self.segmenter)
-        self._loaders: dict[ImageSource, ImageFetcher] = {}
-        self._loaders_lock = threading.Lock()
+        self._clients: dict[str | None, ProjectClient] = {}
+        self._clients_lock = threading.Lock()
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-fetch")
 
     # -- versions -----------------------------------------------------------------------------------
@@ -95,53 +108,55 @@ class SamBackend:
         return self.model_version(project)
 
     # -- predictions --------------------------------------------------------------------------------
-    def predict(self, query: protocol.PredictRequest, deadline_s: float | None = None) -> Predictions:
-        """One entry per task, in task order, within `deadline_s` (default PREDICT_DEADLINE_S; math.inf: no
-        limit, as interactive calls have): tasks without boxes at once, then tasks in order while time allows (a task
-        whose embedding is cached always, a new image only if the time an encode takes is left); the rest are
-        deferred (no "result") and pre-warmed."""
-        tasks, config = query.tasks, query.config
+    def predict(self, query: PredictRequest, deadline_s: float | None = None) -> Predictions:
+        """One answer per task, in task order, within `deadline_s` (default PREDICT_DEADLINE_S; math.inf: no
+        limit, as interactive calls have): tasks without boxes at once (in batch: NO_BOXES, Label Studio stores
+        nothing and asks again), then tasks in order while time allows (a task whose embedding is cached always, a
+        new image only if the time an encode takes is left); the rest are DEFERRED and pre-warmed."""
+        tasks = query.tasks
         served = self.decoders.get(query.project)
         version = self.segmenter.model_version(served.version)
-        loader = self._loader(query.project)
+        loader = self.client(query.project).images
         budget = self.settings.predict_deadline_s if deadline_s is None else deadline_s
         budget = math.inf if query.interactive else budget
         deadline = time.monotonic() + budget
-        results: list[dict | None] = [None] * len(tasks)
+        answers: list[TaskAnswer | None] = [None] * len(tasks)
         need_image = []
         for index, task in enumerate(tasks):
-            if query.interactive or protocol.task_has_boxes(task, config):
+            if query.interactive or task.has_boxes:
                 need_image.append(index)
-            else:
-                results[index] = protocol.prediction([], config, version)
+            elif not query.from_editor:  # batch: nothing stored, asked again once it has boxes
+                answers[index] = TaskAnswer(protocol.NO_BOXES)
+            else:  # the editor's call without a prompt: an empty answer, never stored
+                answers[index] = TaskAnswer(protocol.PREDICTED)
         with self.prewarmer.live():
-            for index, image in self._images(loader, tasks, need_image, config, deadline):
+            for index, image in self._images(loader, tasks, need_image, deadline):
                 task = tasks[index]
                 if isinstance(image, Exception):
-                    log.warning("task image failed", extra={"task": task.get("id"), "error": str(image)})
-                    results[index] = protocol.failed(version, str(image))
+                    log.warning("task image failed", extra={"task": task.id, "error": str(image)})
+                    answers[index] = TaskAnswer(protocol.FAILED, error=str(image))
                     continue
                 key = image_key(self.segmenter.encoder_identity, image)
                 if not self.cache.contains(key) and time.monotonic() + self._new_image_s > deadline:
                     continue  # deferred; a later task may still be cached
                 work = partial(self._predict_task, task, image, key, query, served, version)
                 try:
-                    results[index] = self.compute.run(work, query.interactive, self._time_left(deadline))
+                    answers[index] = self.compute.run(work, query.interactive, self._time_left(deadline))
                 except Deferred:
                     continue  # the deadline passed while other tasks computed
-                except protocol.ProtocolError as exc:
+                except ProtocolError as exc:
                     if query.interactive:
                         raise  # the editor's one request: HTTP 400
-                    log.warning("task prompts refused", extra={"task": task.get("id"), "error": str(exc)})
-                    results[index] = protocol.failed(version, str(exc))  # one bad task never blocks the rest
-        late = [index for index in need_image if results[index] is None]
+                    log.warning("task prompts refused", extra={"task": task.id, "error": str(exc)})
+                    answers[index] = TaskAnswer(protocol.FAILED, error=str(exc))  # one bad task never blocks the rest
+        late = [index for index in need_image if answers[index] is None]
         for index in late:
-            results[index] = protocol.deferred(version)
+            answers[index] = TaskAnswer(protocol.DEFERRED)
         if late and self.settings.prewarm:
-            self.prewarmer.submit(self._image_jobs(loader, [tasks[i] for i in late], config))
-        return Predictions(results, deferred=len(late))
+            self.prewarmer.submit(self._image_jobs(loader, [tasks[i].image for i in late if tasks[i].image]))
+        return Predictions(tuple(answers), version, deferred=len(late))
 
-    def _images(self, loader: ImageFetcher, tasks: list[dict], indices: list[int], config: protocol.LabelConfig,
+    def _images(self, loader: ImageFetcher, tasks: tuple[PredictTask, ...], indices: list[int],
                 deadline: float) -> Iterator[tuple[int, np.ndarray | Exception]]:
         """(task index, image or the error that kept it) in order, with at most PREFETCH_IMAGES fetched
         ahead; stops at the deadline (unfetched tasks are not yielded)."""
@@ -153,7 +168,7 @@ class SamBackend:
                 index = next(upcoming, None)
                 if index is None:
                     return
-                ahead.append((index, self._fetch_pool.submit(self._task_image, loader, tasks[index], config)))
+                ahead.append((index, self._fetch_pool.submit(self._task_image, loader, tasks[index])))
 
         fill()
         try:
@@ -163,7 +178,7 @@ class SamBackend:
                     image = future.result(timeout=self._time_left(deadline))
                 except FutureTimeout:
                     return
-                except (ImageError, protocol.ProtocolError) as exc:
+                except (ImageError, ProtocolError) as exc:
                     image = exc
                 fill()
                 yield index, image
@@ -177,43 +192,46 @@ class SamBackend:
     def _time_left(deadline: float) -> float | None:
         return None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
 
-    def _predict_task(self, task: dict, image: np.ndarray, key: str, query: protocol.PredictRequest,
-                      served, version: str) -> dict:
+    def _predict_task(self, task: PredictTask, image: np.ndarray, key: str, query: PredictRequest,
+                      served, version: str) -> TaskAnswer:
         started = time.perf_counter()
         height, width = image.shape[:2]
-        if query.interactive:
-            prompts = protocol.context_prompts(query.context, query.config, width, height)
+        if query.prompt is not None:
+            prompts = query.prompt.in_pixels(width, height)
         else:
-            prompts = Prompts(boxes=tuple(protocol.task_boxes(task, query.config, width, height)))
+            prompts = Prompts(boxes=task.boxes(width, height))
         if len(prompts.boxes) > self.settings.max_boxes:
-            raise protocol.ProtocolError(f"task {task.get('id')} has {len(prompts.boxes)} boxes; "
-                                         f"at most {self.settings.max_boxes} (MAX_BOXES_PER_TASK)")
+            raise ProtocolError(f"task {task.id} has {len(prompts.boxes)} boxes; "
+                                f"at most {self.settings.max_boxes} (MAX_BOXES_PER_TASK)")
         if len(prompts.points) > self.settings.max_clicks:
-            raise protocol.ProtocolError(f"task {task.get('id')} has {len(prompts.points)} clicks; "
-                                         f"at most {self.settings.max_clicks} (MAX_CLICKS_PER_TASK)")
+            raise ProtocolError(f"task {task.id} has {len(prompts.points)} clicks; "
+                                f"at most {self.settings.max_clicks} (MAX_CLICKS_PER_TASK)")
         cached = False
         masks = []
         if prompts.boxes or prompts.points:
             embedding, cached = self.cache.get_or_compute(key, lambda: self.segmenter.embed(image))
-            masks = self.segmenter.decode(embedding, prompts, served.module, served.calibration)
+            history = self.clicks.scope(key, version) if prompts.points else None
+            masks = self.segmenter.decode(embedding, prompts, served.module, served.calibration, history)
         seconds = time.perf_counter() - started
         if not cached:  # what a new image costs: the next call's deferral bound
             self._new_image_s = seconds if not self._new_image_s else 0.7 * self._new_image_s + 0.3 * seconds
-        log.info("task predicted", extra={"task": task.get("id"), "boxes": len(prompts.boxes),
+        log.info("task predicted", extra={"task": task.id, "boxes": len(prompts.boxes),
                                           "points": len(prompts.points), "embedding_cached": cached,
                                           "ms": round(1000 * seconds, 1)})
-        return protocol.prediction(masks, query.config, version)
+        return TaskAnswer(protocol.PREDICTED, tuple(masks))
 
     @staticmethod
-    def _task_image(loader: ImageFetcher, task: dict, config: protocol.LabelConfig):
-        return loader.load(protocol.task_image_url(task, config), task.get("id"))
+    def _task_image(loader: ImageFetcher, task: PredictTask) -> np.ndarray:
+        if task.image is None:
+            raise ProtocolError(task.image_error or f"task {task.id} has no image")
+        return loader.load(task.image.url, task.image.task_id)
 
     # -- pre-warming ------------------------------------------------------------------------------------
-    def prewarm_tasks(self, project: str | None, tasks: list[dict], config: protocol.LabelConfig) -> int:
+    def prewarm_tasks(self, project: str | None, images: list[ImageRef]) -> int:
         """Queue the tasks' images for background embedding; returns how many were queued."""
         if not self.settings.prewarm:
             return 0
-        return self.prewarmer.submit(self._image_jobs(self._loader(project), tasks, config))
+        return self.prewarmer.submit(self._image_jobs(self.client(project).images, images))
 
     def prewarm_project(self, project: str, every_s: float = 3600.0) -> bool:
         """Queue every task image of the project, listed through Label Studio's API in a background thread;
@@ -234,42 +252,38 @@ class SamBackend:
         return True
 
     def _prewarm_listed(self, project: str) -> None:
-        source = image_source(self.settings, project, self._allowed_hosts)
-        if not source.label_studio_url or not source.token:
+        client = self.client(project)
+        if not client.connected:
             log.warning("prewarm skipped: no Label Studio URL/token", extra={"project": project})
             return
         listed = queued = 0
         try:
-            client = LabelStudioClient(source.label_studio_url, source.token)
-            config = protocol.parse_label_config(client.project(int(project)).get("label_config") or "")
-            for page in client.tasks(int(project)):
-                listed += len(page)
-                queued += self.prewarm_tasks(project, page, config)
-        except (ConnectError, protocol.ProtocolError) as exc:
+            for listed_now, images in client.task_images():
+                listed += listed_now
+                queued += self.prewarm_tasks(project, images)
+        except (ConnectError, ProtocolError) as exc:
             log.warning("prewarm listing failed", extra={"project": project, "error": str(exc)})
         log.info("prewarm project listed", extra={"project": project, "tasks": listed, "queued": queued})
 
-    def embed_ahead(self, project: str | None, tasks: list[dict], config: protocol.LabelConfig) -> None:
+    def embed_ahead(self, project: str | None, images: list[ImageRef]) -> None:
         """Encode the tasks' new images now, ENCODER_BATCH at a time (bulk jobs on a GPU), so that predicting
         them finds their embeddings cached. Nothing to do where batching does not pay."""
         if self.prewarmer.batch > 1:
-            self.prewarmer.submit(self._image_jobs(self._loader(project), tasks, config))
+            self.prewarmer.submit(self._image_jobs(self.client(project).images, images))
             self.prewarmer.wait_idle(3600)
 
     @staticmethod
-    def _image_jobs(loader: ImageFetcher, tasks: list[dict], config: protocol.LabelConfig) -> Iterator[ImageJob]:
-        for task in tasks:
-            try:
-                url = protocol.task_image_url(task, config)
-            except protocol.ProtocolError:
-                continue  # no image to warm: its /predict says why
-            task_id = task.get("id")
-            yield ImageJob(loader, url, task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None)
+    def _image_jobs(loader: ImageFetcher, images: list[ImageRef]) -> Iterator[ImageJob]:
+        for image in images:
+            yield ImageJob(loader, image.url, image.task_id)
 
     # -- Label Studio connection ----------------------------------------------------------------------
-    def _loader(self, project: str | None) -> ImageFetcher:
+    def client(self, project: str | None) -> ProjectClient:
+        """The project's Label Studio client (images and REST, one token), rebuilt when its URL or token
+        changes (a new /setup, a rejected key)."""
         source = image_source(self.settings, project, self._allowed_hosts)
-        with self._loaders_lock:
-            if source not in self._loaders:
-                self._loaders[source] = ImageFetcher(source)
-            return self._loaders[source]
+        with self._clients_lock:
+            client = self._clients.get(project)
+            if client is None or client.source != source:
+                client = self._clients[project] = ProjectClient(source, project)
+            return client

@@ -5,7 +5,9 @@ SAM_CHECKPOINT(_SHA256), DEVICE, TORCH_THREADS, LABEL_STUDIO_URL / _API_KEY and 
 flags override some of them. Errors a user can fix (bad path, no data, unknown version, bad project name, bad
 checkpoint) print one line on stderr and exit with code 2. `train` and `prelabel` take the project's lock (the one
 training jobs hold): while a job of the project runs they wait, saying so on stderr, or with --no-wait refuse
-with exit code 3. With --json the last stdout line is one JSON object.
+with exit code 3. With --json the last stdout line is one JSON object. Logs go to stderr as JSON lines, like
+the server's (`--log-format text` for people; LOG_FORMAT sets the default). A command imports only what it needs:
+`connect` never loads torch.
 """
 from __future__ import annotations
 
@@ -13,12 +15,11 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Iterator
 
+from .logs import FORMATS, configure
 from .settings import Settings
 
 EXIT_USAGE = 2
@@ -44,45 +45,39 @@ def _model_args(parser: argparse.ArgumentParser, settings: Settings) -> None:
     parser.add_argument("--model", default=settings.sam_model, help="SAM variant (default: $SAM_MODEL)")
     parser.add_argument("--checkpoint", default=settings.sam_checkpoint, help="weights file (default: $SAM_CHECKPOINT)")
     parser.add_argument("--data", required=True,
-                        help="COCO folder, Label Studio JSON export file, or ls://<project id> "
-                             "(with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+                        help="COCO folder, Label Studio JSON export file, or ls://<project id> (LABEL_STUDIO_URL and "
+                             "LABEL_STUDIO_API_KEY, else the connection Label Studio's /setup gave the backend)")
 
 
-def build_parser(settings: Settings) -> argparse.ArgumentParser:
-    from trainer.finetune import FineTuneConfig
-    from trainer.losses import LOSSES
+COMMANDS = ("train", "eval", "versions", "activate", "rollback", "connect", "prelabel", "jobs", "worker")
 
+
+def command_of(argv: list[str]) -> str | None:
+    """The command named in argv (None when there is none yet: `python -m ml_backend -h`)."""
+    return next((arg for arg in argv if arg in COMMANDS), None)
+
+
+def build_parser(settings: Settings, command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line. `train`'s options take their defaults from the training code, which loads torch:
+    they are added only when `command` is train or not known yet (`-h`)."""
     from . import connect
 
-    defaults = FineTuneConfig()
     parser = argparse.ArgumentParser(prog="python -m ml_backend", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-format", choices=FORMATS, default=settings.log_format,
+                        help="log lines on stderr: json (default: $LOG_FORMAT, else json) or text")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune the mask decoder; promote the result if it wins on val")
     _model_args(train, settings)
     _common(train, settings)
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--loss", choices=list(LOSSES), default=defaults.loss,
-                       help="dice-bce (default), dice-focal (focal instead of BCE, 20:1 as in SAM's paper) or "
-                            "seed-mse (the popular recipe; its gradient is zero: a baseline)")
-    train.add_argument("--max-objects-per-image", type=int, default=defaults.max_objects_per_image)
-    train.add_argument("--max-objects-per-epoch", type=int, default=defaults.max_objects_per_epoch)
-    train.add_argument("--patience", type=int, default=defaults.patience)
-    train.add_argument("--box-jitter", type=float, default=defaults.box_jitter)
-    train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--margin", type=float, default=defaults.margin,
-                       help="val mIoU the new decoder must gain over the active one to be promoted")
-    train.add_argument("--val-fraction", type=float, default=0.2, help="hash split when the data has none")
-    train.add_argument("--keep-last", type=int, default=settings.keep_versions,
-                       help="versions kept by pruning (plus the active one; default: $KEEP_VERSIONS)")
-    train.add_argument("--no-wait", action="store_true",
-                       help="refuse (exit code 3) instead of waiting while a job of the project runs")
+    if command in (None, "train"):
+        _train_options(train, settings)
 
     evaluate = commands.add_parser("eval", help="box-prompted mIoU of a version on a data split")
     _model_args(evaluate, settings)
     _common(evaluate, settings)
-    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument("--split", choices=("train", "val", "test"),
+                          help="default: test when the data has a test split, else val (held out from training)")
     evaluate.add_argument("--version", default="active", help="a version id, 'active' or 'base'")
     evaluate.add_argument("--val-fraction", type=float, default=0.2)
 
@@ -113,6 +108,30 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     return parser
 
 
+def _train_options(train: argparse.ArgumentParser, settings: Settings) -> None:
+    from trainer.finetune import FineTuneConfig
+    from trainer.losses import LOSSES
+
+    defaults = FineTuneConfig()
+    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--loss", choices=list(LOSSES), default=defaults.loss,
+                       help="dice-bce (default), dice-focal (focal instead of BCE, 20:1 as in SAM's paper) or "
+                            "seed-mse (the popular recipe; its gradient is zero: a baseline)")
+    train.add_argument("--max-objects-per-image", type=int, default=defaults.max_objects_per_image)
+    train.add_argument("--max-objects-per-epoch", type=int, default=defaults.max_objects_per_epoch)
+    train.add_argument("--patience", type=int, default=defaults.patience)
+    train.add_argument("--box-jitter", type=float, default=defaults.box_jitter)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--margin", type=float, default=defaults.margin,
+                       help="val mIoU the new decoder must gain over the active one to be promoted")
+    train.add_argument("--val-fraction", type=float, default=0.2, help="hash split when the data has none")
+    train.add_argument("--keep-last", type=int, default=settings.keep_versions,
+                       help="versions kept by pruning (plus the active one; default: $KEEP_VERSIONS)")
+    train.add_argument("--no-wait", action="store_true",
+                       help="refuse (exit code 3) instead of waiting while a job of the project runs")
+
+
 def _load_segmenter(args: argparse.Namespace):
     from .backend import build_segmenter
 
@@ -120,14 +139,25 @@ def _load_segmenter(args: argparse.Namespace):
 
 
 def _load_data(args: argparse.Namespace):
-    """--data, with images fetched under the backend's rules and limits (the same Settings)."""
+    """--data, with images fetched under the backend's rules and limits (the same Settings). ls://<id> reaches
+    Label Studio as the backend does for that project: LABEL_STUDIO_URL / _API_KEY, else (or when that key is
+    rejected) the connection its /setup gave the backend under MODEL_DIR, as `prelabel` does."""
     from .annotations import load_data
     from .fetch import image_source
 
+    ls_project = args.data[len("ls://"):].strip("/") if args.data.startswith("ls://") else None
+    if ls_project is not None and args.settings.label_studio_url and args.settings.label_studio_api_key:
+        from .credentials import check_and_log
+
+        check_and_log(args.settings, attempts=1)  # a rejected key: one clear line, then /setup's token if any
     try:
-        source = image_source(args.settings, None)
+        source = image_source(args.settings, ls_project if ls_project and ls_project.isdigit() else None)
     except ValueError as exc:
         raise UsageError(f"ALLOWED_IMAGE_HOSTS: {exc}") from exc
+    if ls_project and ls_project.isdigit() and not (source.label_studio_url and source.token):
+        raise UsageError(f"{args.data} needs Label Studio's URL and a token: set LABEL_STUDIO_URL and "
+                         f"LABEL_STUDIO_API_KEY, or connect project {ls_project} to this backend in Label Studio "
+                         f"(its /setup call leaves them under {args.settings.model_dir}, the --model-dir to use)")
     return load_data(args.data, source, val_fraction=args.val_fraction)
 
 
@@ -177,6 +207,8 @@ def cmd_eval(args: argparse.Namespace, registry) -> dict:
 
     version = registry.active() if args.version == "active" else None if args.version == "base" else args.version
     dataset = _load_data(args)
+    if args.split is None:  # a Label Studio project has train/val only (a hash split): val is what training held out
+        args.split = "test" if dataset.split("test") else "val"
     images = dataset.split(args.split)
     if not images:
         raise DataError(f"the data has no {args.split} split images ({args.data})")
@@ -234,16 +266,15 @@ def _print_human(command: str, report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+    argv = sys.argv[1:] if argv is None else argv
     settings = Settings.from_env()
-    args = build_parser(settings).parse_args(argv)
+    args = build_parser(settings, command_of(argv)).parse_args(argv)
+    configure(settings.log_level, args.log_format)
     changed = {"model_dir": getattr(args, "model_dir", None), "sam_model": getattr(args, "model", None),
                "sam_checkpoint": getattr(args, "checkpoint", None)}
     args.settings = dataclasses.replace(settings, **{k: v for k, v in changed.items() if v is not None})
     if args.command in ("connect", "worker", "prelabel", "jobs"):
         return _edge_command(args)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trainer.data import DataError
     from trainer.models import ModelLoadError
     from trainer.registry import Registry, RegistryError
@@ -270,14 +301,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _edge_command(args: argparse.Namespace) -> int:
-    from . import connect, training
-    from .logs import configure
+    from . import connect
 
     if args.command == "connect":
         return connect.run(args)
-    configure(args.settings.log_level)
+    from . import training
+
     if args.command == "prelabel":
         from .backend import build_segmenter
+        from .credentials import check_and_log
+
+        if args.settings.label_studio_url and args.settings.label_studio_api_key:
+            check_and_log(args.settings, attempts=1)  # a rejected key: one clear line, then /setup's token if any
 
         job_id, code = training.prelabel_now(args.settings, str(args.project), build_segmenter(args.settings),
                                              wait_s=0 if args.no_wait else 6 * 3600)
@@ -298,6 +333,9 @@ def _edge_command(args: argparse.Namespace) -> int:
         from .backend import build_segmenter
 
         return training.run_one_job(args.settings, args.job, build_segmenter(args.settings, serving=False))
+    from .credentials import check_at_start
+
+    check_at_start(args.settings)  # the training worker: one line on the configured key, as the backend's workers
     return training.serve(args.settings)
 
 

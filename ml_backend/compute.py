@@ -11,6 +11,7 @@ import itertools
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, TypeVar
@@ -33,19 +34,43 @@ class ComputePool:
         self._order = itertools.count()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._stopped = False
 
     def run(self, work: Callable[[], T], interactive: bool, timeout_s: float | None = None) -> T:
         """work() in a compute thread; its result or its exception. Deferred when it has not started within
         `timeout_s` (once started it runs to its end)."""
         self._start()
         future: Future = Future()
-        self._queue.put((0 if interactive else 1, next(self._order), work, future))
+        with self._lock:
+            if self._stopped:
+                raise Deferred()  # the process is stopping: no new work
+            self._queue.put((0 if interactive else 1, next(self._order), work, future))
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout:
             if future.cancel():
                 raise Deferred() from None
             return future.result()
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Let the threads finish the work they run, then end (at the process's exit: a thread still inside
+        torch when the interpreter finalizes aborts the process). Queued work that has not started is
+        Deferred. Returns whether every thread has ended within `timeout_s`."""
+        with self._lock:
+            threads, self._stopped = list(self._threads), True
+        while True:
+            try:
+                *_, future = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if future.set_running_or_notify_cancel():
+                future.set_exception(Deferred())
+        for _ in threads:
+            self._queue.put((-1, -1, None, None))  # before any queued work: "end now"
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
 
     def _start(self) -> None:
         with self._lock:
@@ -61,6 +86,8 @@ class ComputePool:
             pass
         while True:
             _, _, work, future = self._queue.get()
+            if work is None:
+                return
             if not future.set_running_or_notify_cancel():
                 continue
             try:

@@ -5,7 +5,12 @@
 
 Label Studio is reached at LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY (a legacy token or a personal access
 token); --url is the backend URL *as Label Studio sees it* (default: $BACKEND_URL, else http://localhost:9090).
-Label Studio then checks the backend's /health and /setup itself and creates the project's /webhook.
+Label Studio then checks the backend's /health and /setup itself. A project already connected to this backend
+under another spelling of the URL (127.0.0.1, localhost, the host's name, a trailing slash; recognised by the
+instance id in /health, else by host, port and path: ml_backend/backend_match.py) is repaired, not connected again:
+one ML backend and one webhook to this backend are kept, the duplicates deleted, and each finding is printed.
+Label Studio refuses webhook URLs whose host has no dot (a docker-compose service name): connect then fails with
+its reason and leaves nothing half made (ml_backend/project_webhook.py).
 With --score-column the project's model version becomes the served version: Label Studio's Data Manager then
 shows the backend's scores in its "Prediction score" column (it averages only predictions of the project's
 model version). Label Studio accepts it only once the project has predictions of that version (Retrieve
@@ -18,19 +23,17 @@ failure.
 from __future__ import annotations
 
 import argparse
-import base64
 import re
 import sys
+from dataclasses import dataclass, field
 
+from .backend_match import BackendMatcher, Endpoint
 from .label_studio import ConnectError, HTTPFailure, LabelStudioClient
+from .project_webhook import REFUSED_HINT, WebhookRefused, reconcile_webhook
 from .settings import Settings
 
 EXIT_FAILED = 2
 DEFAULT_TITLE = "SAM (segment anything)"
-
-
-def _same_url(a: str, b: str) -> bool:
-    return a.strip().rstrip("/").lower() == b.strip().rstrip("/").lower()
 
 
 def _check_config(project: dict) -> str | None:
@@ -44,34 +47,45 @@ def _check_config(project: dict) -> str | None:
     return None
 
 
-def webhook_headers(basic_auth: tuple[str, str] | None) -> dict[str, str]:
-    """The header Label Studio's ML webhook needs to pass the backend's basic auth."""
-    if basic_auth is None:
-        return {}
-    return {"Authorization": "Basic " + base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode()}
+@dataclass
+class Connection:
+    """A project's connection to this backend after `connect_project`: the ML backend kept (its id and its URL
+    as Label Studio reaches it), "connected" or "already connected", and what was found and repaired."""
+
+    ml_id: int
+    ml_url: str
+    outcome: str
+    notes: list[str] = field(default_factory=list)
 
 
-def ensure_webhook_auth(ls: LabelStudioClient, project_id: int, backend_url: str,
-                        basic_auth: tuple[str, str] | None) -> str:
-    """Make the project's webhook to `backend_url`/webhook send the credentials (Label Studio creates it
-    without any); returns what was done."""
-    url = backend_url.rstrip("/") + "/webhook"
-    wanted = webhook_headers(basic_auth)
-    hooks = [h for h in ls.webhooks(project_id) if _same_url(h.get("url", ""), url)]
-    if not hooks:
-        ls.create_webhook(project_id, url, wanted)
-        return "webhook created"
-    changed = [h for h in hooks if (h.get("headers") or {}).get("Authorization") != wanted.get("Authorization")]
-    for hook in changed:
-        headers = {k: v for k, v in (hook.get("headers") or {}).items() if k.lower() != "authorization"}
-        ls.set_webhook_headers(int(hook["id"]), {**headers, **wanted})
-    return "webhook credentials updated" if changed else "webhook ok"
+def _ml_backend_refused(exc: HTTPFailure, project_id: int, backend_url: str) -> ConnectError:
+    hints = []
+    text = str(exc).lower()
+    if "not allowed" in text or "private network" in text or exc.status == 403:
+        hints.append("Label Studio blocks private/loopback backend URLs unless it runs with "
+                     "ML_BLOCK_LOCAL_IP=false (and SSRF_PROTECTION_ENABLED=false for the /webhook)")
+    if "can't connect" in text or "health check" in text or "can't resolve" in text:
+        hints.append(f"Label Studio could not reach {backend_url}: --url must be the backend's URL as seen "
+                     "from the Label Studio server (in docker-compose: the backend service's URL)")
+    if "setup" in text or "valid ml backend" in text:
+        hints.append("the backend answered /setup with an error: see its log")
+    if "401" in text or "unauthorized" in text:
+        hints.append("the backend asks for credentials: run connect with the backend's BASIC_AUTH_USER and "
+                     "BASIC_AUTH_PASS set")
+    return ConnectError(f"Label Studio refused to connect project {project_id} to {backend_url}: {exc}"
+                        + "".join(f"\n  hint: {h}" for h in hints))
 
 
 def connect_project(ls: LabelStudioClient, project_id: int, backend_url: str, title: str,
-                    interactive: bool, basic_auth: tuple[str, str] | None = None) -> tuple[str, int]:
-    """Connect one project (with the backend's basic auth, if any, for its calls and its webhook); returns
-    ("connected" or "already connected" with what was repaired, ML backend id)."""
+                    interactive: bool, basic_auth: tuple[str, str] | None = None,
+                    matcher: BackendMatcher | None = None) -> Connection:
+    """Connect one project to this backend (with its basic auth, if any, for Label Studio's calls and the
+    webhook), or repair the connection it has under any spelling of the URL (`BackendMatcher`): one ML backend
+    and one webhook to this backend are kept, duplicates deleted, credentials set.
+
+    A new connection makes the webhook first and the ML backend second, undoing the webhook if Label Studio
+    refuses the ML backend: a refusal leaves nothing behind. Raises ConnectError (WebhookRefused when Label
+    Studio refuses every webhook URL)."""
     try:
         project = ls.project(project_id)
     except HTTPFailure as exc:
@@ -84,56 +98,51 @@ def connect_project(ls: LabelStudioClient, project_id: int, backend_url: str, ti
         raise ConnectError(f"project {project_id} ({project.get('title')!r}): its labeling config cannot be "
                            f"served by the SAM backend: {problem}. It needs an Image, RectangleLabels (and/or "
                            "KeyPointLabels) prompts and a BrushLabels or PolygonLabels output on that image.")
-    existing = ls.ml_backends(project_id)
-    for ml in existing:
-        if _same_url(ml.get("url", ""), backend_url):
-            outcome = "already connected"
-            if basic_auth or ml.get("auth_method") == "BASIC_AUTH":  # the password is write-only: always set it
-                ls.set_ml_backend_auth(int(ml["id"]), project_id, ml["url"], basic_auth)
-                outcome += ", credentials set" if basic_auth else ", credentials removed"
-            webhook = ensure_webhook_auth(ls, project_id, backend_url, basic_auth)
-            if webhook != "webhook ok":
-                outcome += f", {webhook}"
-            return outcome, int(ml["id"])
+    matcher = matcher or BackendMatcher(backend_url)
+    listed = ls.ml_backends(project_id)
+    ours = [(ml, how) for ml in listed if (how := matcher.same(ml.get("url") or ""))]
+    if not ours:
+        return _connect_new(ls, project_id, backend_url, title, interactive, basic_auth, matcher,
+                            [ml.get("url") or "" for ml in listed])
+    wanted = Endpoint.parse(backend_url)
+    ours.sort(key=lambda pair: (Endpoint.parse(pair[0]["url"]) != wanted, pair[0]["id"]))  # --url's, else oldest
+    keep, how = ours[0]
+    connection = Connection(int(keep["id"]), keep["url"], "already connected")
+    if how != "the same URL":
+        connection.notes.append(f"found ML backend {keep['id']} at {keep['url']}: {how} as {backend_url}")
+    for ml, dup_how in ours[1:]:
+        ls.delete_ml_backend(int(ml["id"]))
+        connection.notes.append(f"removed duplicate ML backend {ml['id']} at {ml['url']} ({dup_how} as this backend)")
+    if basic_auth or keep.get("auth_method") == "BASIC_AUTH":  # the password is write-only: always set it
+        ls.set_ml_backend_auth(connection.ml_id, project_id, keep["url"], basic_auth)
+        connection.notes.append("ML backend credentials " + ("set" if basic_auth else "removed"))
+    try:
+        others = [ml.get("url") or "" for ml in listed if all(ml is not dup for dup, _ in ours)]
+        hooks = reconcile_webhook(ls, project_id, [keep["url"], backend_url], matcher, basic_auth,
+                                  [keep["url"], *others])
+    except WebhookRefused as exc:
+        raise ConnectError(f"project {project_id}: ML backend {keep['id']} ({keep['url']}) stays connected "
+                           f"(Retrieve predictions and the editor work), but {exc}.\n  hint: {REFUSED_HINT}") from None
+    connection.notes += hooks.notes
+    return connection
+
+
+def _connect_new(ls: LabelStudioClient, project_id: int, backend_url: str, title: str, interactive: bool,
+                 basic_auth: tuple[str, str] | None, matcher: BackendMatcher, ml_urls: list[str]) -> Connection:
+    try:
+        hooks = reconcile_webhook(ls, project_id, [backend_url], matcher, basic_auth, ml_urls)
+    except WebhookRefused as exc:
+        raise ConnectError(f"project {project_id}: nothing was connected: {exc}.\n  hint: {REFUSED_HINT}") from None
     try:
         created = ls.create_ml_backend(project_id, backend_url, title, interactive, basic_auth)
     except HTTPFailure as exc:
-        hints = []
-        text = str(exc).lower()
-        if "not allowed" in text or "private network" in text or exc.status == 403:
-            hints.append("Label Studio blocks private/loopback backend URLs unless it runs with "
-                         "ML_BLOCK_LOCAL_IP=false (and SSRF_PROTECTION_ENABLED=false for the /webhook)")
-        if "can't connect" in text or "health check" in text or "can't resolve" in text:
-            hints.append(f"Label Studio could not reach {backend_url}: --url must be the backend's URL as seen "
-                         "from the Label Studio server (in docker-compose: http://sam-backend:9090)")
-        if "setup" in text or "valid ml backend" in text:
-            hints.append("the backend answered /setup with an error: see its log")
-        if "401" in text or "unauthorized" in text:
-            hints.append("the backend asks for credentials: run connect with the backend's BASIC_AUTH_USER and "
-                         "BASIC_AUTH_PASS set")
-        raise ConnectError(f"Label Studio refused to connect project {project_id} to {backend_url}: {exc}"
-                           + "".join(f"\n  hint: {h}" for h in hints)) from None
-    ensure_webhook_auth(ls, project_id, backend_url, basic_auth)
-    return "connected", int(created["id"])
-
-
-def show_scores(ls: LabelStudioClient, project_id: int, served: str) -> str:
-    """Point the project's model version at `served` (the version the backend serves), so that the Data
-    Manager's "Prediction score" column (it averages only predictions of the project's model version) shows
-    the backend's scores; returns what was done. Label Studio accepts a version only once the project holds
-    predictions of it: until then ConnectError says what to run first."""
-    current = ls.project(project_id).get("model_version")
-    if current == served:
-        return f"model version {served} (Data Manager's Prediction score column)"
-    try:
-        ls.set_project_model_version(project_id, served)
-    except HTTPFailure as exc:
-        if exc.status != 400:
-            raise
-        raise ConnectError(f"project {project_id} has no predictions of {served} yet, so Label Studio refuses it "
-                           f"as the project's model version: run Retrieve predictions in the Data Manager (or "
-                           f"`python -m ml_backend prelabel --project {project_id}`), then this again") from None
-    return f"model version {current!r} -> {served} (Data Manager's Prediction score column)"
+        if hooks.created is not None:  # no half-made connection: the webhook goes with the refused ML backend
+            ls.delete_webhook(hooks.created)
+        raise _ml_backend_refused(exc, project_id, backend_url) from None
+    ml_url = created.get("url") or backend_url
+    # Label Studio adds a webhook of its own unless one has exactly its URL: keep one
+    again = reconcile_webhook(ls, project_id, [ml_url], matcher, basic_auth, [ml_url, *ml_urls])
+    return Connection(int(created["id"]), ml_url, "connected", list(dict.fromkeys(hooks.notes + again.notes)))
 
 
 REVIEW_TAB = "Review worst-first"
@@ -164,25 +173,6 @@ def served_version(ls: LabelStudioClient, project_id: int, ml_id: int, backend_u
         raise ConnectError(f"project {project_id}: Label Studio has no model version for ML backend {ml_id} "
                            "(did the backend answer /setup?)")
     return served
-
-
-def follow_served_version(settings: Settings, project: str, served: str) -> str:
-    """Keep the Data Manager's score column on the served version: if the project's model version is another
-    version of this base model (someone chose to show its scores), move it to `served`; returns what was done.
-    Never raises: it runs after a promotion and after pre-labelling, which stand whether or not it works."""
-    from .fetch import image_source
-
-    try:
-        source = image_source(settings, project)
-        if not source.label_studio_url or not source.token:
-            return "no Label Studio URL/token"
-        ls = LabelStudioClient(source.label_studio_url, source.token)
-        current = ls.project(int(project)).get("model_version") or ""
-        if current == served or current.split("@")[0] != served.split("@")[0]:
-            return f"project model version {current!r}: left as it is"
-        return show_scores(ls, int(project), served)
-    except (ConnectError, ValueError, OSError) as exc:
-        return f"not moved: {exc}"
 
 
 def add_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
@@ -248,19 +238,20 @@ def run(args: argparse.Namespace) -> int:
                 print("no project to connect")
     except ConnectError as exc:
         return fail(str(exc))
+    matcher = BackendMatcher(args.url)  # asks each backend URL's /health once, across projects
     for project_id in targets:
         try:
-            outcome, ml_id = connect_project(ls, project_id, args.url, args.title, args.interactive, basic_auth)
+            connection = connect_project(ls, project_id, args.url, args.title, args.interactive, basic_auth, matcher)
         except ConnectError as exc:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)
             continue
-        print(f"project {project_id}: {outcome} to {args.url} (ML backend id {ml_id}"
-              f"{', basic auth' if basic_auth else ''})")
+        print(f"project {project_id}: {connection.outcome} to {connection.ml_url} (ML backend id {connection.ml_id}"
+              f"{', basic auth' if basic_auth else ''})" + "".join(f"\n  {note}" for note in connection.notes))
         if args.score_column:
             try:
-                served = served_version(ls, project_id, ml_id, args.url)
-                print(f"project {project_id}: {show_scores(ls, project_id, served)}, "
+                served = served_version(ls, project_id, connection.ml_id, connection.ml_url)
+                print(f"project {project_id}: {ls.show_scores(project_id, served)}, "
                       f"{ensure_review_tab(ls, project_id)}")
             except ConnectError as exc:
                 failures += 1

@@ -34,7 +34,8 @@ Which hosts are fetched (SSRF policy):
   allow-listed host or signed URL may redirect only to the same host. Proxies are not used for
   hosts other than Label Studio's (a proxy would resolve the name itself).
 
-The host rules themselves are in ml_backend/netpolicy.py; the token in ml_backend/label_studio.py.
+The host rules themselves are in ml_backend/netpolicy.py; the token in ml_backend/api_token.py (one per
+project, shared with its REST calls: ml_backend/label_studio.py's ProjectClient).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from requests.adapters import HTTPAdapter
 
 from trainer.images import MAX_PIXELS, decode_image
 
-from .label_studio import ApiToken, TokenError, saved_connection
+from .credentials import project_credentials
+from .api_token import ApiToken, TokenError
 from .netpolicy import (Refused, Url, checked_address, host_allowed, parse_allowed_hosts, parse_url, redact_url,
                         split_url)
 from .settings import Settings
@@ -124,9 +126,10 @@ class _PinnedAdapter(HTTPAdapter):
 class ImageFetcher:
     """Fetches and decodes task images; thread-safe (one requests.Session per thread).
 
+    ``token``: the project's ApiToken when its REST calls share it (one token exchange), else its own.
     ValueError at construction if an ``allowed_hosts`` entry is invalid."""
 
-    def __init__(self, source: ImageSource) -> None:
+    def __init__(self, source: ImageSource, token: ApiToken | None = None) -> None:
         self.source = source
         self._ls_url: str | None = None  # base URL (no user@), path prefix kept, no trailing slash
         self._ls_prefix = ""  # scheme://netloc of Label Studio, as configured
@@ -141,7 +144,7 @@ class ImageFetcher:
             except (ValueError, Refused):
                 self._ls = None  # _require_ls says so
         self._allowed = parse_allowed_hosts(source.allowed_hosts)
-        self._token = ApiToken(source.token)
+        self._token = token or ApiToken(source.token)
         self._local = threading.local()
         self._sessions: list[requests.Session | HTTPAdapter] = []
         self._sessions_lock = threading.Lock()
@@ -357,12 +360,12 @@ class ImageFetcher:
 def image_source(settings: Settings, project: str | None,
                  allowed_hosts: tuple[str, ...] | None = None) -> ImageSource:
     """Where a project's task images come from: LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY, else what /setup
-    told us, under the image settings (allowed hosts, limits)."""
+    told us (credentials.project_credentials), under the image settings (allowed hosts, limits)."""
     s = settings
-    connection = saved_connection(s, project) if not (s.label_studio_url and s.label_studio_api_key) else {}
+    url, token = project_credentials(s, project)
     return ImageSource(
-        label_studio_url=s.label_studio_url or connection.get("hostname"),
-        token=s.label_studio_api_key or connection.get("access_token"),
+        label_studio_url=url,
+        token=token,
         allowed_hosts=parse_allowed_hosts(s.allowed_image_hosts) if allowed_hosts is None else allowed_hosts,
         timeout_s=s.image_timeout_s, max_pixels=s.max_image_pixels, max_bytes=s.max_image_bytes,
         allow_private=s.allow_private_image_hosts,

@@ -1,9 +1,12 @@
 """Pre-label a whole project through Label Studio's API: every task with boxes (in its latest annotation or
 prediction) gets a mask prediction of the served model_version, posted in batches with label-studio-sdk.
 
-Resumable: tasks that already have a prediction of that version are skipped, so a job that stopped (a Label
-Studio restart, a killed worker) continues where it was when run again; Label Studio being unreachable for a
-while is waited out. Runs as a job (see training.py) or in the foreground from the command line.
+Resumable: tasks that already have a (non-empty) prediction of that version are skipped, so a job that stopped
+(a Label Studio restart, a killed worker) continues where it was when run again; Label Studio being unreachable
+for a while is waited out. Runs as a job (see training.py) or in the foreground from the command line.
+Tasks without boxes are counted apart (`no_boxes`), never as done and never given a prediction: one would mark
+them done for the version in Label Studio, and boxes drawn later would never get masks. An empty prediction of
+the version (earlier releases stored one for tasks without boxes) is deleted (`empty_removed`) for that reason.
 """
 from __future__ import annotations
 
@@ -17,8 +20,7 @@ from tqdm import tqdm
 
 from . import protocol
 from .backend import SamBackend
-from .fetch import image_source
-from .label_studio import ConnectError, HTTPFailure, LabelStudioClient
+from .label_studio import ConnectError, HTTPFailure, ProjectClient
 from .settings import Settings
 
 log = logging.getLogger("ml_backend.prelabel")
@@ -38,24 +40,26 @@ def _retryable(exc: ConnectError) -> bool:
 def prelabel_project(settings: Settings, project: str, backend: SamBackend | None = None,
                      progress: Callable[[dict], None] | None = None, bar: bool = False) -> dict:
     """Predict and post every task that needs it; returns the counts of the last pass over the project (tasks,
-    skipped: had the version, no_boxes, failed with why) and `predicted`: posted by this run in all."""
-    source = image_source(settings, project)
-    if not source.label_studio_url or not source.token:
-        raise PrelabelError(f"project {project}: no Label Studio URL/token (set LABEL_STUDIO_URL and "
-                            "LABEL_STUDIO_API_KEY, or connect the project so /setup provides them)")
+    skipped: had the version, no_boxes: nothing to prompt with, empty_masks: boxes but every mask empty (not
+    posted), failed with why, empty_removed: stale empty predictions deleted) and `predicted`: posted by this
+    run in all."""
     backend = backend or SamBackend(dataclasses.replace(settings, prewarm=False))
-    client = LabelStudioClient(source.label_studio_url, source.token)
+    client = backend.client(project)  # the project's one client: these calls and the images share its token
+    try:
+        client.require()
+    except ConnectError as exc:
+        raise PrelabelError(str(exc)) from None
     version = backend.model_version(project)
     report = {"project": project, "model_version": version, "tasks": 0, "skipped": 0, "no_boxes": 0,
-              "predicted": 0, "failed": 0, "failures": []}
+              "empty_masks": 0, "empty_removed": 0, "predicted": 0, "failed": 0, "failures": []}
     waited_since, passes = None, 0
     with tqdm(disable=not bar, unit="task", desc=f"project {project}") as shown:
         while True:  # passes over the project; a pass cut short by Label Studio going away starts again
             try:
-                config = protocol.parse_label_config(client.project(int(project)).get("label_config") or "")
+                config = protocol.parse_label_config(client.label_config())
                 waited_since, posted_before = None, report["predicted"]
-                report.update(tasks=0, skipped=0, no_boxes=0, failed=0, failures=[])  # this pass's counts
-                for page in client.tasks(int(project), fields="all"):
+                report.update(tasks=0, skipped=0, no_boxes=0, empty_masks=0, failed=0, failures=[])  # this pass's
+                for page in client.tasks(fields="all"):
                     report["tasks"] += len(page)
                     _prelabel_page(backend, client, project, config, version, page, report)
                     shown.total = max(shown.total or 0, report["tasks"])
@@ -80,51 +84,52 @@ def prelabel_project(settings: Settings, project: str, backend: SamBackend | Non
                 raise PrelabelError(f"project {project}: {exc}") from None
     log.info("prelabel finished", extra=_summary(report))
     if report["predicted"] or report["skipped"]:
-        from .connect import follow_served_version
-
         log.info("label studio model version", extra={"project": project,
-                                                      "outcome": follow_served_version(settings, project, version)})
+                                                      "outcome": client.follow_served_version(version)})
     return report
 
 
-def _prelabel_page(backend: SamBackend, client: LabelStudioClient, project: str, config: protocol.LabelConfig,
+def _prelabel_page(backend: SamBackend, client: ProjectClient, project: str, config: protocol.LabelConfig,
                    version: str, page: list[dict], report: dict) -> None:
-    todo = []
-    for task in page:
-        predictions = task.get("predictions") if isinstance(task.get("predictions"), list) else []
-        if any(isinstance(p, dict) and p.get("model_version") == version for p in predictions):
+    todo: list[protocol.PredictTask] = []
+    for listed in page:
+        stored = protocol.version_predictions(listed, version)
+        for empty in stored.empty_ids:
+            client.api.delete_prediction(empty)  # it would hold the task "done" in Label Studio for good
+            report["empty_removed"] += 1
+        if stored.has_regions:
             report["skipped"] += 1
-        elif not protocol.task_has_boxes(task, config):
-            report["no_boxes"] += 1
-        else:
+            continue
+        try:
+            task = protocol.parse_task(listed, config)
+        except protocol.ProtocolError as exc:  # a task Label Studio's JSON makes unusable fails alone
+            _failed(report, listed.get("id"), str(exc))
+            continue
+        if task.has_boxes:
             todo.append(task)
+        else:
+            report["no_boxes"] += 1
     for start in range(0, len(todo), BATCH):
         batch = todo[start:start + BATCH]
-        backend.embed_ahead(project, batch, config)
+        backend.embed_ahead(project, [task.image for task in batch if task.image])
+        answer = backend.predict(protocol.PredictRequest(tuple(batch), config, project), deadline_s=math.inf)
         posted = []
-        for task, entry in zip(batch, _predict(backend, batch, config, project)):
-            if "error" in entry:
-                report["failed"] += 1
-                report["failures"] = (report["failures"] + [{"task": task.get("id"), "error": entry["error"]}])[-50:]
-            elif entry.get("result"):
-                posted.append({"task": task["id"], "result": entry["result"], "score": entry["score"],
-                               "model_version": entry["model_version"]})
-            else:
-                report["no_boxes"] += 1
+        for task, result in zip(batch, answer.answers):
+            entry = protocol.import_entry(task.id, result, config, answer.model_version)
+            if result.state == protocol.FAILED:
+                _failed(report, task.id, result.error)
+            elif entry is not None:
+                posted.append(entry)
+            else:  # its boxes are outside the image, or every mask came out empty
+                report["no_boxes" if result.state == protocol.NO_BOXES else "empty_masks"] += 1
         if posted:
-            client.import_predictions(int(project), posted)
+            client.api.import_predictions(int(project), posted)
             report["predicted"] += len(posted)
 
 
-def _predict(backend: SamBackend, tasks: list[dict], config: protocol.LabelConfig, project: str) -> list[dict]:
-    """One entry per task, no time budget; a task Label Studio's JSON makes unusable gets an error entry
-    instead of failing its batch."""
-    try:
-        return backend.predict(protocol.PredictRequest(tasks, config, project, None), deadline_s=math.inf).results
-    except protocol.ProtocolError as exc:
-        if len(tasks) == 1:
-            return [protocol.failed(backend.model_version(project), str(exc))]
-        return [entry for task in tasks for entry in _predict(backend, [task], config, project)]
+def _failed(report: dict, task_id: object, error: str | None) -> None:
+    report["failed"] += 1
+    report["failures"] = (report["failures"] + [{"task": task_id, "error": error}])[-50:]
 
 
 def _summary(report: dict) -> dict:

@@ -21,6 +21,12 @@ log = logging.getLogger("ml_backend.prewarm")
 NICENESS = 15  # the thread's (and its torch workers') scheduling priority: live calls come first
 
 
+class _Stopping(BaseException):
+    """Raised inside the encoder (at a block boundary) when the process stops: the image is abandoned, so the
+    thread is never inside torch when the interpreter finalizes (a daemon thread that wakes up inside torch's C++
+    then aborts the process: "terminate called without an active exception")."""
+
+
 @dataclass(frozen=True)
 class ImageJob:
     """One task image to embed: where to load it from, its URL (a task's data value) and the task id."""
@@ -53,6 +59,7 @@ class Prewarmer:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._current_keys: tuple[str, ...] = ()
+        self._stopping = False
         for module in segmenter.model.sam.image_encoder.modules():
             if isinstance(module, torch.nn.ModuleList):
                 for block in module:
@@ -62,8 +69,10 @@ class Prewarmer:
         """Inside the encoder, in the pre-warm thread only: wait while live calls run."""
         if self._thread is None or threading.get_ident() != self._thread.ident:
             return
+        if self._stopping:
+            raise _Stopping()
         with self._cond:
-            while self._live and not any(self.cache.waited_for(key) for key in self._current_keys):
+            while self._live and not self._stopping and not any(self.cache.waited_for(k) for k in self._current_keys):
                 self._cond.wait(0.05)
 
     def submit(self, jobs: Iterable[ImageJob]) -> int:
@@ -112,7 +121,21 @@ class Prewarmer:
                 self._cond.wait(left)
         return True
 
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Stop the thread (at the process's exit): the queue is dropped and an encode in progress is abandoned at
+        its next encoder block. Returns whether the thread has ended within `timeout_s`."""
+        with self._cond:
+            self._stopping = True
+            self._queue.clear()
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+        return thread is None or not thread.is_alive()
+
     def _start(self) -> None:
+        if self._stopping:
+            return
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="prewarm", daemon=True)
             self._thread.start()
@@ -124,12 +147,16 @@ class Prewarmer:
             pass
         while True:
             with self._cond:
-                while not self._queue or self._live:
+                while (not self._queue or self._live) and not self._stopping:
                     self._cond.wait()
+                if self._stopping:
+                    return
                 jobs = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
                 self._busy = True
             try:
                 self._warm(jobs)
+            except _Stopping:
+                return
             finally:
                 with self._cond:
                     for job in jobs:

@@ -1,133 +1,101 @@
-"""Label Studio JSON <-> plain typed objects: label config, prompts in pixels, masks as brush RLE / polygons.
+"""Label Studio JSON <-> plain typed objects, at the request and answer level: parsed once on the way in, formatted
+once on the way out; the backend itself sees only the typed objects.
 
-Everything Label Studio-shaped (percentages, RLE, region dicts) stays in this file.
+    /predict body   --parse_predict_request-->  PredictRequest: PredictTask (id, ImageRef, box prompts or the
+                                                task's own error), the editor's InteractivePrompts
+    TaskAnswer      --results / prediction-->   Label Studio's prediction entries
+    listed tasks    --image_refs / parse_task / version_predictions-->  what pre-warm and pre-label need
+
+Region-level shapes (percent <-> pixels, brush RLE, polygons, the label config) are in ml_backend/regions.py.
 """
 from __future__ import annotations
 
-import math
-import uuid
 from dataclasses import dataclass
 
-import cv2
-import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
-from label_studio_sdk.label_interface import LabelInterface
-
 from trainer.quality import task_score
-from trainer.types import Box, Mask, Point, Prompts
+from trainer.types import Box, Mask, Prompts
 
-MASK_TAGS = {"BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
+from .regions import (MASK_TAGS, BoxPrompt, ClickPrompt, LabelConfig, MaskOutput, ProtocolError,  # noqa: F401
+                      box_prompt, click_prompt, mask_to_polygon, mask_to_regions, new_region_id, parse_label_config,
+                      region_label, region_score, region_to_box, region_to_point)
+
+PREDICTED, DEFERRED, NO_BOXES, FAILED = "predicted", "deferred", "no_boxes", "failed"  # TaskAnswer states
 
 
-class ProtocolError(ValueError):
-    """A request Label Studio could not have meant: answered with HTTP 400 and this message."""
+# -- in: tasks and prompts ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageRef:
+    """A task's image: its URL (the task's data value) and the task id (presigning cloud URIs needs it)."""
+
+    url: str
+    task_id: int | None = None
 
 
 @dataclass(frozen=True)
-class MaskOutput:
-    """A control the masks are written to: kind is "brushlabels" or "polygonlabels"."""
+class BoxSource:
+    """The box prompts of one annotation or prediction, as drawn; `error` when one of its rectangles is
+    malformed (reported only if that source is the one used)."""
 
-    kind: str
-    from_name: str
-    to_name: str
-    labels: tuple[str, ...]
-
-    def label_for(self, prompt_label: str | None) -> str | None:
-        """The prompt's label when this control knows it (or knows no labels), else its only/first label."""
-        if prompt_label and (not self.labels or prompt_label in self.labels):
-            return prompt_label
-        return self.labels[0] if self.labels else prompt_label
+    boxes: tuple[BoxPrompt, ...] = ()
+    error: str | None = None
 
 
 @dataclass(frozen=True)
-class LabelConfig:
-    """What the backend needs from a project's labelling config."""
+class PredictTask:
+    """One task of a /predict call: its id as Label Studio sent it (for logs), its image (or why it has
+    none) and its box prompts, per annotation (latest first) then per prediction (latest first)."""
 
-    image_name: str
-    image_key: str
-    box_controls: tuple[str, ...]
-    point_controls: tuple[str, ...]
-    outputs: tuple[MaskOutput, ...]
+    id: object
+    image: ImageRef | None
+    image_error: str | None = None
+    sources: tuple[BoxSource, ...] = ()
 
+    @property
+    def has_boxes(self) -> bool:
+        """Whether any source holds a box prompt (known before the image, and so its size, is)."""
+        return bool(self.sources)
 
-def parse_label_config(xml: str) -> LabelConfig:
-    """Find the Image, its RectangleLabels / KeyPointLabels prompts and BrushLabels / PolygonLabels outputs."""
-    if not isinstance(xml, str) or not xml.strip():
-        raise ProtocolError("label config is missing")
-    try:
-        interface = LabelInterface(xml)
-    except Exception as exc:
-        raise ProtocolError(f"label config is not valid XML: {exc}") from exc
-    images = [o for o in interface.objects if o.tag == "Image"]
-    outputs = []
-    for control in interface.controls:
-        if control.tag in MASK_TAGS:
-            for to_name in control.to_name:
-                if any(image.name == to_name for image in images):
-                    outputs.append(MaskOutput(MASK_TAGS[control.tag], control.name, to_name,
-                                              tuple(control.labels or ())))
-    if not outputs:
-        raise ProtocolError("label config has no BrushLabels or PolygonLabels control on an Image: "
-                            "there is nowhere to put a mask")
-    image_name = outputs[0].to_name
-    image = next(o for o in images if o.name == image_name)
-    value = (image.value or "").lstrip("$")
-    if not value:
-        raise ProtocolError(f"Image {image_name!r} has no $value naming the task field")
-
-    def prompts_of(tag: str) -> tuple[str, ...]:
-        return tuple(c.name for c in interface.controls if c.tag == tag and image_name in c.to_name)
-
-    return LabelConfig(image_name, value, prompts_of("RectangleLabels"), prompts_of("KeyPointLabels"),
-                       tuple(o for o in outputs if o.to_name == image_name))
+    def boxes(self, width: int, height: int) -> tuple[Box, ...]:
+        """The pixel boxes of the first source (latest annotation first) that has a non-empty one; ProtocolError
+        when that source has a malformed rectangle."""
+        for source in self.sources:
+            if source.error:
+                raise ProtocolError(source.error)
+            boxes = tuple(b for b in (p.in_pixels(width, height) for p in source.boxes) if not b.is_empty)
+            if boxes:
+                return boxes
+        return ()
 
 
-def _first_label(value: dict) -> str | None:
-    for key in ("rectanglelabels", "keypointlabels", "labels", "brushlabels", "polygonlabels"):
-        labels = value.get(key)
-        if isinstance(labels, list) and labels:
-            return str(labels[0])
-    return None
+@dataclass(frozen=True)
+class InteractivePrompts:
+    """The editor's prompt: its boxes (the last non-empty one is used) and every click, in the order drawn
+    (the editor sends a smart tool's regions of one label in creation order; the mask takes the last label)."""
+
+    boxes: tuple[BoxPrompt, ...] = ()
+    clicks: tuple[ClickPrompt, ...] = ()
+
+    def in_pixels(self, width: int, height: int) -> Prompts:
+        boxes = [b for b in (p.in_pixels(width, height) for p in self.boxes) if not b.is_empty]
+        if not boxes and not self.clicks:
+            raise ProtocolError("interactive context holds no rectanglelabels box or keypointlabels click")
+        return Prompts(boxes=tuple(boxes[-1:]), points=tuple(c.in_pixels(width, height) for c in self.clicks))
 
 
-def region_label(region: dict) -> str:
-    """A region's first label, whatever its control; "object" when it has none."""
-    value = region.get("value")
-    return (_first_label(value) if isinstance(value, dict) else None) or "object"
+@dataclass(frozen=True)
+class PredictRequest:
+    """A checked /predict body: the tasks, the parsed label config, the project id, the editor's prompt
+    (None in batch mode) and whether the editor sent it (a context, with or without a prompt)."""
 
+    tasks: tuple[PredictTask, ...]
+    config: LabelConfig
+    project: str | None = None
+    prompt: InteractivePrompts | None = None
+    from_editor: bool = False
 
-def _number(value: dict, key: str) -> float:
-    number = value.get(key)
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-        raise ProtocolError(f"region value.{key} must be a finite number, got {number!r}")
-    return float(number)
-
-
-def region_to_box(region: dict, width: int, height: int) -> Box:
-    """A rectanglelabels region (percent of the image, optional rotation in degrees) -> pixel box.
-
-    A rotated rectangle becomes its axis-aligned bounding box.
-    """
-    value = region.get("value")
-    if not isinstance(value, dict):
-        raise ProtocolError("rectangle region has no value object")
-    x, y = _number(value, "x") * width / 100, _number(value, "y") * height / 100
-    w, h = _number(value, "width") * width / 100, _number(value, "height") * height / 100
-    angle = math.radians(_number(value, "rotation") if value.get("rotation") is not None else 0.0)
-    corners = [(0, 0), (w, 0), (w, h), (0, h)]
-    xs = [x + cx * math.cos(angle) - cy * math.sin(angle) for cx, cy in corners]
-    ys = [y + cx * math.sin(angle) + cy * math.cos(angle) for cx, cy in corners]
-    return Box(min(xs), min(ys), max(xs), max(ys), _first_label(value)).clipped(width, height)
-
-
-def region_to_point(region: dict, width: int, height: int) -> Point:
-    """A keypointlabels region (percent) -> pixel point; a missing is_positive means positive."""
-    value = region.get("value")
-    if not isinstance(value, dict):
-        raise ProtocolError("keypoint region has no value object")
-    positive = region.get("is_positive", value.get("is_positive", True))
-    return Point(_number(value, "x") * width / 100, _number(value, "y") * height / 100,
-                 positive is not False, _first_label(value))
+    @property
+    def interactive(self) -> bool:
+        return self.prompt is not None
 
 
 def _regions(items: object) -> list[dict]:
@@ -140,12 +108,6 @@ def _regions(items: object) -> list[dict]:
 
 def _is_prompt(region: dict, kind: str, controls: tuple[str, ...]) -> bool:
     return region.get("type") == kind and (not controls or region.get("from_name") in (None, *controls))
-
-
-def _boxes_in(regions: list[dict], config: LabelConfig, width: int, height: int) -> list[Box]:
-    boxes = [region_to_box(r, width, height) for r in regions
-             if _is_prompt(r, "rectanglelabels", config.box_controls)]
-    return [b for b in boxes if not b.is_empty]
 
 
 def _prompt_sources(task: dict) -> list[list[dict]]:
@@ -163,131 +125,84 @@ def _prompt_sources(task: dict) -> list[list[dict]]:
     return sources
 
 
-def task_boxes(task: dict, config: LabelConfig, width: int, height: int) -> list[Box]:
-    """Boxes of the task's latest annotation that has any, else of its latest prediction that has any."""
-    for regions in _prompt_sources(task):
-        boxes = _boxes_in(regions, config, width, height)
-        if boxes:
-            return boxes
-    return []
+def _box_source(rectangles: list[dict]) -> BoxSource:
+    try:
+        return BoxSource(tuple(box_prompt(r) for r in rectangles))
+    except ProtocolError as exc:
+        return BoxSource(error=str(exc))
 
 
-def task_has_boxes(task: dict, config: LabelConfig) -> bool:
-    """Whether the task holds any box prompt (before its image, and so its size, is known)."""
-    return any(_is_prompt(r, "rectanglelabels", config.box_controls) for regions in _prompt_sources(task)
-               for r in regions)
+def _task_id(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def context_prompts(context: dict, config: LabelConfig, width: int, height: int) -> Prompts:
-    """Interactive prompt: the last drawn box (if any) refined by every click in the context."""
-    regions = _regions(context.get("result"))
-    boxes = _boxes_in(regions, config, width, height)
-    points = tuple(region_to_point(r, width, height) for r in regions
-                   if _is_prompt(r, "keypointlabels", config.point_controls))
-    if not boxes and not points:
-        raise ProtocolError("interactive context holds no rectanglelabels box or keypointlabels click")
-    return Prompts(boxes=tuple(boxes[-1:]), points=points)
-
-
-def task_image_url(task: dict, config: LabelConfig) -> str:
+def image_ref(task: dict, config: LabelConfig) -> ImageRef:
+    """The task's image; ProtocolError when the task has no image URL in the config's field."""
     data = task.get("data")
     url = data.get(config.image_key) if isinstance(data, dict) else None
     if not isinstance(url, str) or not url:
         raise ProtocolError(f"task {task.get('id')} has no data.{config.image_key} image URL")
-    return url
+    return ImageRef(url, _task_id(task.get("id")))
 
 
-def mask_to_polygon(mask: Mask, epsilon_px: float = 1.0) -> list[list[float]]:
-    """The largest outer contour of the mask, simplified (Douglas-Peucker), in image pixels; [] if none."""
-    crop = np.ascontiguousarray(mask.crop, dtype=np.uint8)
-    contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return []
-    contour = max(contours, key=cv2.contourArea)
-    simplified = cv2.approxPolyDP(contour, epsilon_px, True)[:, 0, :]
-    if len(simplified) < 3:
-        simplified = contour[:, 0, :]
-    if len(simplified) < 3:
-        return []
-    return [[float(x + mask.x0), float(y + mask.y0)] for x, y in simplified]
+def parse_task(task: dict, config: LabelConfig, with_boxes: bool = True) -> PredictTask:
+    """A task dict -> PredictTask; its box prompts only `with_boxes` (an interactive call prompts with the
+    editor's). ProtocolError for annotations / predictions / results that are not lists."""
+    sources = ()
+    if with_boxes:
+        rectangles = ([r for r in regions if _is_prompt(r, "rectanglelabels", config.box_controls)]
+                      for regions in _prompt_sources(task))
+        sources = tuple(_box_source(found) for found in rectangles if found)
+    try:
+        return PredictTask(task.get("id"), image_ref(task, config), None, sources)
+    except ProtocolError as exc:
+        return PredictTask(task.get("id"), None, str(exc), sources)
 
 
-def new_region_id() -> str:
-    """A fresh result id. Label Studio's editor merges results that share an id into ONE region (that is how
-    a region carries several controls' values), so every brush and every polygon gets its own."""
-    return uuid.uuid4().hex[:10]
+def parse_tasks(tasks: list[dict], config: LabelConfig, with_boxes: bool = True) -> tuple[PredictTask, ...]:
+    return tuple(parse_task(task, config, with_boxes) for task in tasks)
 
 
-def mask_to_regions(mask: Mask, config: LabelConfig) -> list[dict]:
-    """One Label Studio region per output control (brush RLE 0/255, polygon in percent), each with its own id.
-
-    A config with both BrushLabels and PolygonLabels gets both, as separate regions linked only by their label:
-    sharing an id would make the editor fold the polygon into the brush region and save it without points.
-    """
-    height, width = mask.image_size
-    regions = []
-    for output in config.outputs:
-        label = output.label_for(mask.label)
-        labels = [label] if label else []
-        region = {"id": new_region_id(), "from_name": output.from_name, "to_name": output.to_name,
-                  "type": output.kind, "original_width": width, "original_height": height,
-                  "image_rotation": 0, "score": round(region_score(mask), 4), "readonly": False,
-                  "origin": "prediction"}  # the editor marks model-made regions; edits become "prediction-changed"
-        if output.kind == "brushlabels":
-            full = mask.full().astype(np.uint8) * 255
-            region["value"] = {"format": "rle", "rle": mask2rle(full), "brushlabels": labels}
-        else:
-            points = mask_to_polygon(mask)
-            if not points:
+def image_refs(tasks: list, config: LabelConfig) -> list[ImageRef]:
+    """The images of the tasks that name one (for pre-warming; the others' /predict says why)."""
+    refs = []
+    for task in tasks:
+        if isinstance(task, dict):
+            try:
+                refs.append(image_ref(task, config))
+            except ProtocolError:
                 continue
-            region["value"] = {"points": [[x * 100 / width, y * 100 / height] for x, y in points],
-                               "closed": True, "polygonlabels": labels}
-        regions.append(region)
-    return regions
+    return refs
 
 
-def deferred(model_version: str) -> dict:
-    """A task not reached within the call's time budget: no "result", so Label Studio stores nothing and
-    its next Retrieve predictions asks for it again."""
-    return {"model_version": model_version, "deferred": True}
+def parse_context(context: dict, config: LabelConfig) -> InteractivePrompts:
+    """The editor's context -> its prompt; ProtocolError when it holds no box or click, or a malformed one."""
+    regions = _regions(context.get("result"))
+    boxes = tuple(box_prompt(r) for r in regions if _is_prompt(r, "rectanglelabels", config.box_controls))
+    clicks = tuple(click_prompt(r) for r in regions if _is_prompt(r, "keypointlabels", config.point_controls))
+    if not boxes and not clicks:
+        raise ProtocolError("interactive context holds no rectanglelabels box or keypointlabels click")
+    return InteractivePrompts(boxes, clicks)
 
 
-def failed(model_version: str, error: str) -> dict:
-    """A task whose image or prompts failed: no "result" (Label Studio stores nothing), the reason."""
-    return {"model_version": model_version, "error": error}
+def context_prompts(context: dict, config: LabelConfig, width: int, height: int) -> Prompts:
+    """Interactive prompt in pixels: the last drawn box (if any) refined by every click in the context."""
+    return parse_context(context, config).in_pixels(width, height)
 
 
-def region_score(mask: Mask) -> float:
-    """A mask's score: its expected IoU (trainer.quality, calibrated for the served version), in [0, 1];
-    an empty mask is a failure: 0."""
-    return 0.0 if mask.area == 0 else min(1.0, max(0.0, float(mask.score)))
+def task_boxes(task: dict, config: LabelConfig, width: int, height: int) -> list[Box]:
+    """Boxes of the task's latest annotation that has any, else of its latest prediction that has any."""
+    return list(parse_task(task, config).boxes(width, height))
 
 
-def prediction(masks: list[Mask], config: LabelConfig, model_version: str) -> dict:
-    """A task's prediction entry: all regions, the task's score (`task_score` of its masks' scores, empty ones
-    counting 0), the version."""
-    result = [region for mask in masks if mask.area > 0 for region in mask_to_regions(mask, config)]
-    score = task_score([region_score(m) for m in masks])
-    return {"result": result, "score": round(score, 4), "model_version": model_version}
-
-
-@dataclass(frozen=True)
-class PredictRequest:
-    """A checked /predict body: the tasks (Label Studio's dicts, checked per task later), the parsed label
-    config, the project id and the interactive context (None in batch mode)."""
-
-    tasks: list[dict]
-    config: LabelConfig
-    project: str | None
-    context: dict | None
-
-    @property
-    def interactive(self) -> bool:
-        return bool(self.context and self.context.get("result"))
+def task_has_boxes(task: dict, config: LabelConfig) -> bool:
+    """Whether the task holds any box prompt (before its image, and so its size, is known)."""
+    return parse_task(task, config).has_boxes
 
 
 def parse_predict_request(body: object, max_tasks: int) -> PredictRequest:
-    """Every check of a /predict body; ProtocolError (HTTP 400) names what is wrong."""
+    """Every check of a /predict body; ProtocolError (HTTP 400) names what is wrong. A task's own problem (no
+    image URL, a malformed rectangle) stays with the task: it fails alone."""
     if not isinstance(body, dict):
         raise ProtocolError("request body must be a JSON object")
     tasks = body.get("tasks")
@@ -300,7 +215,9 @@ def parse_predict_request(body: object, max_tasks: int) -> PredictRequest:
     context = params.get("context")
     if context is not None and not isinstance(context, dict):
         raise ProtocolError("params.context must be an object or null")
-    return PredictRequest(tasks, config, project_id(body.get("project")), context)
+    prompt = parse_context(context, config) if context and context.get("result") else None
+    return PredictRequest(parse_tasks(tasks, config, with_boxes=prompt is None), config,
+                          project_id(body.get("project")), prompt, context is not None)
 
 
 def project_id(value: object) -> str | None:
@@ -313,3 +230,63 @@ def project_id(value: object) -> str | None:
     if not text.isdigit():
         raise ProtocolError(f"project must be '<id>' or '<id>.<timestamp>', got {str(value)[:40]!r}")
     return text
+
+
+# -- out: answers -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskAnswer:
+    """One task's outcome: PREDICTED with its masks (none: an empty prediction), or DEFERRED (not reached in
+    the call's time), NO_BOXES (a batch task with nothing to prompt with) or FAILED with the reason."""
+
+    state: str
+    masks: tuple[Mask, ...] = ()
+    error: str | None = None
+
+
+def prediction(masks: list[Mask] | tuple[Mask, ...], config: LabelConfig, model_version: str) -> dict:
+    """A task's prediction entry: all regions, the task's score (`task_score` of its masks' scores, empty ones
+    counting 0), the version."""
+    result = [region for mask in masks if mask.area > 0 for region in mask_to_regions(mask, config)]
+    score = task_score([region_score(m) for m in masks])
+    return {"result": result, "score": round(score, 4), "model_version": model_version}
+
+
+def answer_entry(answer: TaskAnswer, config: LabelConfig, model_version: str) -> dict:
+    """One /predict result entry. Only PREDICTED has a "result": Label Studio 1.23 stores no prediction for an
+    entry without one and asks again on its next Retrieve predictions (a deferred task; a task without boxes,
+    once boxes may have been drawn: a stored empty prediction would mark it done for this version for good; a
+    failed one, with the reason)."""
+    if answer.state == PREDICTED:
+        return prediction(answer.masks, config, model_version)
+    if answer.state == DEFERRED:
+        return {"model_version": model_version, "deferred": True}
+    if answer.state == NO_BOXES:
+        return {"model_version": model_version, "no_boxes": True}
+    return {"model_version": model_version, "error": answer.error or "failed"}
+
+
+def results(answers: list[TaskAnswer] | tuple[TaskAnswer, ...], config: LabelConfig, model_version: str) -> list[dict]:
+    """The /predict answer's `results`: one entry per task, in task order."""
+    return [answer_entry(answer, config, model_version) for answer in answers]
+
+
+def import_entry(task_id: int, answer: TaskAnswer, config: LabelConfig, model_version: str) -> dict | None:
+    """A prediction to store through Label Studio's import API ({task, result, score, model_version}); None
+    when the answer has no region to store."""
+    entry = prediction(answer.masks, config, model_version) if answer.state == PREDICTED else {}
+    return {"task": task_id, **entry} if entry.get("result") else None
+
+
+@dataclass(frozen=True)
+class StoredPredictions:
+    """A listed task's predictions of one model version: whether one has regions, and the ids of empty ones."""
+
+    has_regions: bool
+    empty_ids: tuple[int, ...]
+
+
+def version_predictions(task: dict, model_version: str) -> StoredPredictions:
+    listed = task.get("predictions") if isinstance(task.get("predictions"), list) else []
+    ours = [p for p in listed if isinstance(p, dict) and p.get("model_version") == model_version]
+    empty = tuple(int(p["id"]) for p in ours if not p.get("result") and p.get("id") is not None)
+    return StoredPredictions(any(p.get("result") for p in ours), empty)

@@ -45,6 +45,12 @@ class Settings:
     max_clicks: int = 100                    # MAX_CLICKS_PER_TASK: keypoints in one interactive prompt
     max_body_mb: float = 128.0               # MAX_BODY_MB: request body limit (10,000 tasks with boxes: ~30 MB)
     log_level: str = "INFO"                  # LOG_LEVEL
+    log_format: str = "json"                 # LOG_FORMAT: json (one object per line) | text (for people)
+    bind: str | None = None                  # BIND: gunicorn's address (host:port); default: see `listen`
+    port: int = 9090                         # PORT: the port when BIND is not set
+    workers: int = 1                         # WORKERS: gunicorn worker processes (each loads the model)
+    threads: int = 16                        # THREADS: per worker (cheap: PREDICT_CONCURRENCY bounds the compute)
+    worker_timeout_s: int = 300              # TIMEOUT: gunicorn's worker timeout (Label Studio waits <= 100 s)
     redis_url: str | None = None             # REDIS_URL: run training jobs on RQ workers instead of embedded
     training_runner: str = "auto"            # TRAINING_RUNNER: auto | embedded | worker | rq | off
     training_concurrency: int = 1            # TRAINING_CONCURRENCY: jobs run at once on a host, across projects (one per project)
@@ -66,6 +72,29 @@ class Settings:
         return "rq" if self.redis_url else "embedded"
 
     @property
+    def auth_required(self) -> bool:
+        """Every route but /health asks for credentials (BASIC_AUTH_USER + _PASS, or AUTH_TOKEN)."""
+        return bool((self.basic_auth_user and self.basic_auth_pass) or self.auth_token)
+
+    @property
+    def listen(self) -> str:
+        """Where gunicorn listens: BIND if set; else PORT on 127.0.0.1 (this host only) while the backend asks for
+        no credentials, on 0.0.0.0 (every interface) once it does. The docker image sets BIND=0.0.0.0:9090."""
+        if self.bind:
+            return self.bind
+        return f"{'0.0.0.0' if self.auth_required else '127.0.0.1'}:{self.port}"
+
+    def loggable(self) -> dict:
+        """Every setting for the start line: secrets only as whether they are set."""
+        values = {}
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if not setting.repr:  # the secrets (repr=False): LABEL_STUDIO_API_KEY, BASIC_AUTH_PASS, AUTH_TOKEN
+                value = value is not None
+            values[setting.name] = str(value) if isinstance(value, Path) else value
+        return values
+
+    @property
     def encoder_batch_size(self) -> int:
         if self.encoder_batch > 0:
             return self.encoder_batch
@@ -77,7 +106,7 @@ class Settings:
         names = {"cache_mb": "EMBEDDING_CACHE_MB", "disk_cache": "EMBEDDING_DISK_CACHE",
                  "disk_cache_mb": "EMBEDDING_DISK_CACHE_MB",
                  "max_tasks": "MAX_TASKS_PER_REQUEST", "max_boxes": "MAX_BOXES_PER_TASK",
-                 "max_clicks": "MAX_CLICKS_PER_TASK"}
+                 "max_clicks": "MAX_CLICKS_PER_TASK", "worker_timeout_s": "TIMEOUT"}
         values = {}
         for setting in fields(cls):
             raw = env.get(names.get(setting.name, setting.name.upper()))

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -21,14 +22,15 @@ from datetime import timedelta
 from typing import Callable, Iterator
 
 from trainer.finetune import FineTuneConfig
-from trainer.jobs import (PRELABEL, TRAIN, Dispatcher, JobStore, TriggerPolicy, describe_busy, project_lock, run_job,
-                          write_holder)
+from trainer.data import Dataset, DataError
+from trainer.jobs import (PRELABEL, TRAIN, Dispatcher, JobStore, TriggerPolicy, describe_busy, lower_priority,
+                          project_lock, run_job, write_holder)
 from trainer.jobs_redis import ProjectLock, RedisJobStore, RedisRunner
 from trainer.registry import Registry, RegistryError
 from trainer.runtime import BASE_VERSION
 
-from .annotations import load_label_studio_project, task_image_loader
-from .fetch import image_source
+from .annotations import load_label_studio_project
+from .label_studio import ConnectError, for_project
 from .settings import Settings
 
 log = logging.getLogger("ml_backend.training")
@@ -88,15 +90,6 @@ def rq_run_job(job_id: int) -> str:
     return redis_runner(Settings.from_env()).run(job_id)
 
 
-def rq_run_due_jobs() -> int:
-    """The RQ task of earlier releases (and a manual kick): run every due job; returns how many ran."""
-    settings = Settings.from_env()
-    if not uses_redis(settings):
-        return dispatcher(settings).run_due()
-    runner = redis_runner(settings)
-    return sum(runner.run(job.id) in ("succeeded", "failed") for job in runner.store.due_jobs())
-
-
 class Training:
     """What the HTTP layer needs: record events durably, wake the runner, report status."""
 
@@ -120,8 +113,12 @@ class Training:
             except Exception as exc:  # Redis away for a moment: the next round tries again
                 log.warning("reaping failed", extra={"error": str(exc)})
 
-    def record(self, project: str, action: str, annotations: int) -> tuple[int, int | None]:
-        event_id, job_id = self.store.record_event(project, action, annotations, self.policy)
+    def record(self, project: str, action: str, annotations: int, key: str | None = None,
+               explicit: bool = False) -> tuple[int | None, int | None]:
+        """Record a webhook event (event id, job id); (None, None) for a duplicate delivery of `key`. explicit:
+        a person asked to train now (webhooks.WebhookEvent.explicit)."""
+        event_id, job_id = self.store.record_event(project, action, annotations, self.policy, key=key,
+                                                   explicit=explicit)
         if job_id is not None:
             self._wake(job_id)
         return event_id, job_id
@@ -166,35 +163,41 @@ class Training:
         return {**status, **self.store.status(project)}
 
 
-def load_project(settings: Settings, project: str):
-    """A job's data: the project's completed annotations and images, through Label Studio."""
-    source = image_source(settings, project)
-    if not source.label_studio_url or not source.token:
-        raise RuntimeError(f"project {project}: no Label Studio URL/token (set LABEL_STUDIO_URL and "
-                           "LABEL_STUDIO_API_KEY, or connect the project so /setup provides them)")
-    return load_label_studio_project(int(project), source, task_image_loader(source))
+def load_project(settings: Settings, project: str) -> Dataset:
+    """A job's data: the project's completed annotations and images, through its one Label Studio client."""
+    client = for_project(settings, project)
+    client.require()
+    return load_label_studio_project(client)
 
 
 def run_one_job(settings: Settings, job_id: int, segmenter) -> int:
-    """The child process's body: fine-tune on the project's data, gate, record (or pre-label the project);
-    exit code 0 or 1."""
+    """The child process's body (the edge's job entry): load the project's data through Label Studio, have the
+    core fine-tune, gate and record it (trainer.jobs.run_job), then follow the served version in Label Studio
+    (or pre-label the project); exit code 0 or 1."""
     store = job_store(settings)
     job = store.job(job_id)
     if job is not None and job.kind == PRELABEL:
         return run_prelabel_job(settings, store, job_id, segmenter)
+    if job is None or job.state != "running":
+        log.error("job failed", extra={"job": job_id, "error": "not running"})
+        return 1
+    lower_priority()
     config = FineTuneConfig(epochs=settings.train_epochs, max_objects_per_image=settings.train_objects_per_image,
                             margin=settings.promotion_margin)
     try:
-        result = run_job(job_store(settings), job_id, segmenter, lambda p: load_project(settings, p),
-                         settings.model_dir, config, settings.keep_versions)
+        dataset = load_project(settings, job.project)
+    except (ConnectError, DataError, OSError) as exc:
+        store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        log.error("job failed", extra={"job": job_id, "error": str(exc)})
+        return 1
+    try:
+        result = run_job(store, job_id, segmenter, dataset, settings.model_dir, config, settings.keep_versions)
     except (RuntimeError, RegistryError, ValueError) as exc:
         log.error("job failed", extra={"job": job_id, "error": str(exc)})
         return 1
     log.info("job succeeded", extra={"job": job_id, **result})
     if result.get("promoted"):  # the score column moves once Label Studio holds predictions of the version
-        from .connect import follow_served_version
-
-        outcome = follow_served_version(settings, job.project, result["model_version"])
+        outcome = for_project(settings, job.project).follow_served_version(result["model_version"])
         log.info("label studio model version", extra={"job": job_id, "project": job.project, "outcome": outcome})
     if result.get("promoted") and settings.prelabel_on_promote:
         prelabel_id, _ = store.enqueue(job.project, PRELABEL, "PROMOTED")
@@ -265,7 +268,17 @@ def prelabel_now(settings: Settings, project: str, segmenter, wait_s: float = 6 
 
 
 def serve(settings: Settings) -> int:
-    """Run due jobs forever (the training worker)."""
+    """Run due jobs until SIGTERM or SIGINT (the training worker); then stop the running job's process and hand
+    its job back to the queue, so `docker compose stop` takes a second and the next worker runs the job."""
+    worker = dispatcher(settings)
+
+    def stop(signum: int, frame: object) -> None:
+        log.info("training worker stopping", extra={"signal": signal.Signals(signum).name})
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     log.info("training worker started", extra={"model_dir": str(settings.model_dir)})
-    dispatcher(settings).loop()
+    worker.loop()
+    log.info("training worker stopped")
     return 0

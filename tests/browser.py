@@ -50,6 +50,8 @@ _REGIONS_JS = """() => window.Htx.annotationStore.selected.regions.map(r => ({
 }))"""
 _SUGGESTIONS_JS = """() => Array.from(window.Htx.annotationStore.selected.suggestions.values()).map(r => ({
   id: r.cleanId, type: r.type, results: r.results.map(x => x.type)}))"""
+_SUGGESTED_BRUSHES_JS = """() => Array.from(window.Htx.annotationStore.selected.suggestions.values())
+  .filter(r => r.type === 'brushregion').map(r => r.serialize())"""
 _SHOW_ONLY_JS = """(ids) => { for (const r of window.Htx.annotationStore.selected.regions) {
   if (r.hidden === ids.includes(r.cleanId)) r.toggleHidden(); } }"""
 _DATA_MANAGER_ROWS_JS = """() => {
@@ -241,8 +243,12 @@ class Editor:
         if not smart.is_visible():
             self.page.locator(".lsf-tool_smart:visible").last.click()  # the smart group's button
         smart.click()
-        self.page.locator(".lsf-labels").nth(control_index).locator(".lsf-label").first.click()
+        self.choose_label(control_index)
         self.page.wait_for_function(f"() => !!document.querySelector(\".lsf-tool_smart.lsf-tool_active[aria-label='{name}']\")")
+
+    def choose_label(self, control_index: int) -> None:
+        """Pick the first label of the control_index-th labels control (the editor drops it after each region)."""
+        self.page.locator(".lsf-labels").nth(control_index).locator(".lsf-label").first.click()
 
     def image_rect(self) -> dict:
         self.page.locator(".konvajs-content").first.scroll_into_view_if_needed()
@@ -264,12 +270,32 @@ class Editor:
         mouse.move(x1, y1, steps=4)
         mouse.up()
 
-    def click_at(self, x: float, y: float, size: tuple[int, int]) -> None:
-        self.page.mouse.click(*self._to_screen(x, y, size))
+    def click_at(self, x: float, y: float, size: tuple[int, int], alt: bool = False) -> None:
+        """A click at image pixel (x, y); with Alt held, a smart key point is a negative click."""
+        if alt:
+            self.page.keyboard.down("Alt")
+        try:
+            self.page.mouse.click(*self._to_screen(x, y, size))
+        finally:
+            if alt:
+                self.page.keyboard.up("Alt")
 
     def wait_for_suggestions(self, count: int, timeout_ms: int = 60_000) -> list[dict]:
         self.page.wait_for_function(
             f"() => window.Htx.annotationStore.selected.suggestions.size >= {count}", timeout=timeout_ms)
+        return self.suggestions()
+
+    def suggested_brushes(self) -> list[dict]:
+        """The brush results of the current suggestions, serialized as Label Studio would save them."""
+        return self.page.evaluate(_SUGGESTED_BRUSHES_JS)
+
+    def wait_for_new_suggestions(self, previous: set[str], count: int, timeout_ms: int = 60_000) -> list[dict]:
+        """Wait until the suggestions are `count` regions none of which is in `previous` (ids)."""
+        self.page.wait_for_function(
+            """([previous, count]) => { const ids = Array.from(
+                 window.Htx.annotationStore.selected.suggestions.values()).map(r => r.cleanId);
+               return ids.length >= count && ids.every(id => !previous.includes(id)); }""",
+            arg=[sorted(previous), count], timeout=timeout_ms)
         return self.suggestions()
 
     def accept_suggestions(self) -> None:

@@ -1,6 +1,7 @@
 """The docker-compose deployment as files: compose loading with variable interpolation (what docker-compose
-does, without a docker daemon), the Dockerfile's instructions, and running a compose service's command on this
-machine (localize, run_service). Used by tests/test_deploy.py."""
+does, without a docker daemon), an .env made from .env.example, the Dockerfile's instructions, and running a
+compose service's command on this machine (localize, run_service). Used by tests/test_deploy.py and
+tests/compose_stack.py."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-import requests
 import yaml
 
 from tests.label_studio import PASSWORD, TOKEN, USERNAME
@@ -113,6 +113,21 @@ def load_compose(files: list[Path], variables: dict[str, str]) -> dict:
     return merged
 
 
+def write_env(example: Path, path: Path, values: dict[str, str]) -> Path:
+    """docker/.env as a user writes it from .env.example: each KEY= line (commented out or not) set to values'
+    value, keys the example lacks appended."""
+    lines, done = [], set()
+    for line in example.read_text().splitlines():
+        key = line.lstrip("# ").split("=", 1)[0] if "=" in line else None
+        if key in values and (line.startswith(f"{key}=") or line.startswith(f"# {key}=")):
+            line = f"{key}={values[key]}"
+            done.add(key)
+        lines.append(line)
+    lines += [f"{key}={value}" for key, value in values.items() if key not in done]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def compose_variables(**overrides: str) -> dict[str, str]:
     return {**read_env_file(ENV_EXAMPLE), **SECRETS, **overrides}
 
@@ -208,13 +223,6 @@ def run_service(command: list[str], env: dict[str, str], log_path: Path) -> Iter
                 process.wait(wait)
             except subprocess.TimeoutExpired:
                 continue
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(url + "/health", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """The Docker stack test runs last: the networks it makes and removes must not change the host's network
+    under a browser test (Chromium fails a page load with ERR_NETWORK_CHANGED)."""
+    items.sort(key=lambda item: item.path.name == "test_compose_stack.py")  # stable: the rest keep their order
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Keep each phase's report on the test item (request.node.report_call) for fixtures that act on failure."""

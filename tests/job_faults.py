@@ -36,7 +36,7 @@ from trainer.jobs import run_job
 epochs = int(os.environ.get("JOB_EPOCHS", "1"))
 config = FineTuneConfig(epochs=epochs, patience=epochs, max_objects_per_image=1, margin=-1.0)
 run_job(JobStore(Path(model_dir) / "jobs.sqlite"), int(job_id), Segmenter(load_model("lite_medsam")),
-        lambda project: load_coco(coco), Path(model_dir), config, keep_last=5)
+        load_coco(coco), Path(model_dir), config, keep_last=5)
 """
 
 
@@ -80,7 +80,7 @@ def run_killed_job(model_dir: Path, coco: Path, kill: dict, timeout: float = 120
     registry = Registry(model_dir, PROJECT)
     active_before, versions_before = registry.active(), {i.version for i in registry.versions()}
     files_before = _files(model_dir)
-    job_id = store.record_event(PROJECT, "START_TRAINING", 0, QUIET)[1]
+    job_id = store.record_event(PROJECT, "START_TRAINING", 0, QUIET, explicit=True)[1]
     events_before = store.count_events()
     env = {**os.environ, "LOG_LEVEL": "WARNING"}
     if "crash_at" in kill:
@@ -133,7 +133,7 @@ def run_good_job(model_dir: Path, coco: Path) -> dict:
     from trainer.jobs import Dispatcher
 
     store = JobStore(model_dir / "jobs.sqlite")
-    store.record_event(PROJECT, "START_TRAINING", 0, QUIET)
+    store.record_event(PROJECT, "START_TRAINING", 0, QUIET, explicit=True)
     env = {**os.environ, "LOG_LEVEL": "WARNING"}
     job = Dispatcher(store, model_dir, job_command(model_dir, coco), env=env).run_once()
     return {"state": job.state, "error": job.error, "result": job.result}
@@ -156,7 +156,7 @@ def run_dispatcher_killed(model_dir: Path, coco: Path, after_s: float = 2.0, tim
 
     store = JobStore(model_dir / "jobs.sqlite")
     active_before = Registry(model_dir, PROJECT).active()
-    job_id = store.record_event(PROJECT, "START_TRAINING", 0, QUIET)[1]
+    job_id = store.record_event(PROJECT, "START_TRAINING", 0, QUIET, explicit=True)[1]
     events_before = store.count_events()
     command = job_command(model_dir, coco)
     parent = subprocess.Popen([sys.executable, "-c", DISPATCHER, str(REPO), str(model_dir), json.dumps(command)],

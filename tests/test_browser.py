@@ -168,6 +168,40 @@ def test_auto_annotation_box_and_click_give_masks_on_the_canvas(editor, project)
     _accept_and_check(editor, clicked)
 
 
+def test_a_negative_click_takes_its_spot_out_of_the_mask(editor, project):
+    """Smart key point: a click gives a suggested mask; an Alt-click (negative) inside it, before accepting, gives a
+    new suggestion without that spot that still covers the first click (the editor sends both clicks, positive then
+    negative); accepted, it is saved as such."""
+    editor.open_task(project["id"], project["interactive"])
+    editor.enable_auto_annotation()
+    info = dataset.image_info(INTERACTIVE_IMAGE)
+    size = (info["width"], info["height"])
+    target = sorted(dataset.annotations(INTERACTIVE_IMAGE), key=lambda a: -a["area"])[0]
+    x, y, w, h = target["bbox"]
+    editor.choose_smart_tool("key-point-tool", CLICK_CONTROL)
+    first = (x + w / 2, y + h / 2)
+    editor.click_at(*first, size)
+    suggested = {s["id"] for s in editor.wait_for_suggestions(2)}
+    (brush,) = editor.suggested_brushes()
+    before = brush_mask(brush)
+    ys, xs = np.nonzero(before)
+    far = int(np.argmax((xs - first[0]) ** 2 + (ys - first[1]) ** 2))  # the mask's pixel farthest from the click
+    spot = (xs[far] + 0.5 - 0.3 * (xs[far] + 0.5 - first[0]), ys[far] + 0.5 - 0.3 * (ys[far] + 0.5 - first[1]))
+    assert before[int(spot[1]), int(spot[0])]
+    editor.choose_label(CLICK_CONTROL)  # the smart key point stays chosen; its label is dropped after each click
+    editor.click_at(*spot, size, alt=True)
+    editor.wait_for_new_suggestions(suggested, 2)
+    clicks = [r for r in editor.serialized() if r["type"] == "keypointlabels"]
+    assert [c.get("is_positive") for c in clicks] == [True, False]  # what the editor sent (dropped on accepting)
+    regions_before = {region["id"] for region in editor.regions()}
+    editor.accept_suggestions()
+    new = {r["id"] for r in editor.regions() if r["id"] not in regions_before}
+    (saved,) = [r for r in editor.serialized() if r["id"] in new and r["type"] == "brushlabels"]
+    after = brush_mask(saved)
+    assert not after[int(spot[1]), int(spot[0])], "the negative click's spot is still in the mask"
+    assert after[int(first[1]), int(first[0])], "the mask lost the positive click"
+
+
 def _accept_and_check(editor: Editor, target: dict) -> None:
     """The suggestions for one prompt are a brush and a polygon labelled nucleus; accepted, they are regions
     drawn on the canvas, and the brush covers the target nucleus."""

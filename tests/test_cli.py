@@ -177,7 +177,7 @@ def test_train_waits_for_or_refuses_a_running_job_of_its_project(coco: Path, tmp
               "--margin", "-1", "--json"]
     store = JobStore(model_dir / "jobs.sqlite")
     with LockHolder(model_dir, "nuclei") as holder:
-        job_id = store.record_event("nuclei", "START_TRAINING", 0, TriggerPolicy())[1]
+        job_id = store.record_event("nuclei", "START_TRAINING", 0, TriggerPolicy(), explicit=True)[1]
         assert store.claim_due(pid=holder.process.pid, job_id=job_id) is not None
         refused = run("train", "--project", "nuclei", "--no-wait", *common, check=False)
         assert refused.returncode == 3, refused.stderr

@@ -228,7 +228,7 @@ def test_disk_full_during_a_training_jobs_checkpoint(trained_dir, coco):
     registry = Registry(trained_dir, PROJECT)
     active, versions = registry.active(), [i.version for i in registry.versions()]
     leftovers = set(registry.versions_dir.glob(".staging-*"))  # of the writers killed above
-    store.record_event(PROJECT, "START_TRAINING", 0, QUIET)
+    store.record_event(PROJECT, "START_TRAINING", 0, QUIET, explicit=True)
     events = store.count_events()
     command = job_command(trained_dir, coco, fsize=2 << 20)
     job = Dispatcher(store, trained_dir, command, env={**os.environ, "LOG_LEVEL": "WARNING"}).run_once()

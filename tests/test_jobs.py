@@ -40,7 +40,7 @@ def test_annotation_events_wait_for_min_annotations_and_debounce(tmp_path):
 
 def test_start_training_is_immediate_and_not_delayed_by_edits(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
-    _, job_id = store.record_event("2", "START_TRAINING", 0, POLICY, now=100)
+    _, job_id = store.record_event("2", "START_TRAINING", 0, POLICY, explicit=True, now=100)
     store.record_event("2", "ANNOTATION_CREATED", 5, POLICY, now=101)
     job = store.job(job_id)
     assert job.not_before == 100 and job.trigger == "START_TRAINING"
@@ -48,7 +48,7 @@ def test_start_training_is_immediate_and_not_delayed_by_edits(tmp_path):
 
 def test_burst_while_running_makes_one_follow_up(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
-    _, first = store.record_event("3", "START_TRAINING", 0, POLICY, now=0)
+    _, first = store.record_event("3", "START_TRAINING", 0, POLICY, explicit=True, now=0)
     assert store.claim_due(pid=1, now=1).id == first
     joined = {store.record_event("3", "ANNOTATION_CREATED", 1, POLICY, now=2 + i)[1] for i in range(50)}
     jobs = store.jobs("3")
@@ -60,8 +60,8 @@ def test_burst_while_running_makes_one_follow_up(tmp_path):
 
 def test_projects_are_independent(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
-    a = store.record_event("1", "START_TRAINING", 0, POLICY)[1]
-    b = store.record_event("2", "START_TRAINING", 0, POLICY)[1]
+    a = store.record_event("1", "START_TRAINING", 0, POLICY, explicit=True)[1]
+    b = store.record_event("2", "START_TRAINING", 0, POLICY, explicit=True)[1]
     assert a != b
 
 
@@ -129,7 +129,7 @@ def overlap(x: tuple[str, float, float], y: tuple[str, float, float]) -> bool:
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_two_projects_run_concurrently_up_to_training_concurrency(tmp_path, concurrency):
     store = JobStore(tmp_path / "jobs.sqlite")
-    ids = [store.record_event(p, "START_TRAINING", 0, POLICY)[1] for p in ("a", "b")]
+    ids = [store.record_event(p, "START_TRAINING", 0, POLICY, explicit=True)[1] for p in ("a", "b")]
     started = time.monotonic()
     assert Dispatcher(store, tmp_path, fake_job(tmp_path, 1.5), concurrency=concurrency).run_due() == 2
     wall = time.monotonic() - started
@@ -153,9 +153,9 @@ def test_one_project_never_twice_and_the_host_limit_holds_across_processes(tmp_p
     """Two dispatcher processes (two gunicorn workers) with TRAINING_CONCURRENCY=2; project a has a training and
     a pre-labelling job, b and c one job each: a's jobs never overlap, never more than 2 at once, all run."""
     store = JobStore(tmp_path / "jobs.sqlite")
-    ids = [store.record_event("a", "START_TRAINING", 0, POLICY)[1], store.enqueue("a", PRELABEL, "test")[0],
-           store.record_event("b", "START_TRAINING", 0, POLICY)[1], store.record_event("c", "START_TRAINING", 0,
-                                                                                    POLICY)[1]]
+    ids = [store.record_event("a", "START_TRAINING", 0, POLICY, explicit=True)[1], store.enqueue("a", PRELABEL, "test")[0],
+           store.record_event("b", "START_TRAINING", 0, POLICY, explicit=True)[1], store.record_event("c", "START_TRAINING", 0,
+                                                                                    POLICY, explicit=True)[1]]
     command = json.dumps(fake_job(tmp_path, 1.0))
     repo = Path(__file__).resolve().parents[1]
     processes = [subprocess.Popen([sys.executable, "-c", DISPATCH, str(tmp_path), command], cwd=repo,
@@ -171,7 +171,7 @@ def test_one_project_never_twice_and_the_host_limit_holds_across_processes(tmp_p
 def test_training_is_claimed_before_prelabelling(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     prelabel = store.enqueue("a", PRELABEL, "test", now=1)[0]
-    train = store.record_event("b", "START_TRAINING", 0, POLICY, now=2)[1]
+    train = store.record_event("b", "START_TRAINING", 0, POLICY, explicit=True, now=2)[1]
     assert [j.id for j in store.due_jobs(now=3)] == [train, prelabel]
 
 
@@ -180,12 +180,12 @@ def test_a_busy_project_waits_and_recover_spares_its_running_job(tmp_path):
     process and a queued one: the dispatcher fails b's dead job only, runs b's queued job, leaves a's alone."""
     store = JobStore(tmp_path / "jobs.sqlite")
     with LockHolder(tmp_path, "a") as holder:
-        a_running = store.record_event("a", "START_TRAINING", 0, POLICY)[1]
+        a_running = store.record_event("a", "START_TRAINING", 0, POLICY, explicit=True)[1]
         assert store.claim_due(pid=holder.process.pid, job_id=a_running) is not None
-        a_queued = store.record_event("a", "START_TRAINING", 0, POLICY)[1]
-        b_dead = store.record_event("b", "START_TRAINING", 0, POLICY)[1]
+        a_queued = store.record_event("a", "START_TRAINING", 0, POLICY, explicit=True)[1]
+        b_dead = store.record_event("b", "START_TRAINING", 0, POLICY, explicit=True)[1]
         assert store.claim_due(pid=999999, job_id=b_dead) is not None
-        b_queued = store.record_event("b", "START_TRAINING", 0, POLICY)[1]
+        b_queued = store.record_event("b", "START_TRAINING", 0, POLICY, explicit=True)[1]
         finished = Dispatcher(store, tmp_path, fake_job(tmp_path, 0)).run_once()
         assert finished.id == b_queued and finished.state == "succeeded"
         assert store.job(b_dead).state == "failed" and "interrupted" in store.job(b_dead).error
@@ -198,7 +198,7 @@ def test_a_busy_project_waits_and_recover_spares_its_running_job(tmp_path):
 
 def test_a_child_that_exits_without_recording_fails_its_job(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
-    job_id = store.record_event("1", "START_TRAINING", 0, POLICY)[1]
+    job_id = store.record_event("1", "START_TRAINING", 0, POLICY, explicit=True)[1]
     finished = Dispatcher(store, tmp_path, [sys.executable, "-c", "pass"]).run_once()
     assert finished.id == job_id and finished.state == "failed" and "without recording" in finished.error
 
@@ -207,7 +207,7 @@ def test_dispatcher_runs_child_and_records_a_kill(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     # a child that kills itself with SIGKILL: the job must end failed, not stuck running
     suicide = [sys.executable, "-c", "import os, signal, sys; os.kill(os.getpid(), signal.SIGKILL)"]
-    job_id = store.record_event("1", "START_TRAINING", 0, POLICY)[1]
+    job_id = store.record_event("1", "START_TRAINING", 0, POLICY, explicit=True)[1]
     finished = Dispatcher(store, tmp_path, suicide).run_once()
     assert finished.id == job_id and finished.state == "failed" and "SIGKILL" in finished.error
     assert Dispatcher(store, tmp_path, suicide).run_once() is None  # nothing left to do
@@ -215,7 +215,7 @@ def test_dispatcher_runs_child_and_records_a_kill(tmp_path):
 
 def test_recover_fails_jobs_left_running_by_a_dead_process(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
-    job_id = store.record_event("1", "START_TRAINING", 0, POLICY)[1]
+    job_id = store.record_event("1", "START_TRAINING", 0, POLICY, explicit=True)[1]
     store.claim_due(pid=999999)
     ok = [sys.executable, "-c", "pass"]
     Dispatcher(store, tmp_path, ok).run_once()  # takes the lock, so the running job must be dead

@@ -46,7 +46,7 @@ project = store.job(int(job_id)).project
 epochs_file = Path(model_dir) / f"epochs-{project}"
 epochs = int(epochs_file.read_text()) if epochs_file.exists() else 1
 config = FineTuneConfig(epochs=epochs, patience=epochs, max_objects_per_image=1, margin=-1.0)
-run_job(store, int(job_id), Segmenter(load_model("lite_medsam")), lambda p: load_coco(coco), Path(model_dir),
+run_job(store, int(job_id), Segmenter(load_model("lite_medsam")), load_coco(coco), Path(model_dir),
         config, keep_last=5)
 """
 
@@ -70,7 +70,7 @@ def test_redis_store_coalesces_like_sqlite(store: RedisJobStore) -> None:
 
 
 def test_expired_lock_fails_the_job_and_retries_it_once(store: RedisJobStore) -> None:
-    job_id = store.record_event("7", "START_TRAINING", 0, POLICY)[1]
+    job_id = store.record_event("7", "START_TRAINING", 0, POLICY, explicit=True)[1]
     lock = ProjectLock(store.redis, "7", ttl_s=1, prefix=store.prefix)
     assert lock.acquire() and not ProjectLock(store.redis, "7", ttl_s=1, prefix=store.prefix).acquire()
     assert store.claim_due(pid=os.getpid(), job_id=job_id) is not None
@@ -203,7 +203,7 @@ def test_cli_train_meets_the_redis_project_lock(redis_url: str, tmp_path: Path) 
     project whose job runs (on any host) refuses with exit code 3 naming the job; another project is not blocked
     (it gets past the lock to its data, here a missing folder: exit code 2)."""
     store = RedisJobStore.from_url(redis_url)  # the prefix the backend and the CLI use
-    job_id = store.record_event("cli-a", "START_TRAINING", 0, POLICY)[1]
+    job_id = store.record_event("cli-a", "START_TRAINING", 0, POLICY, explicit=True)[1]
     lock = ProjectLock(store.redis, "cli-a", ttl_s=30)
     assert lock.acquire()
     try:

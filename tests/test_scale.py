@@ -16,7 +16,7 @@ from PIL import Image
 from ml_backend.app import create_app
 from ml_backend.backend import SamBackend
 from ml_backend.compute import NICENESS, ComputePool, Deferred
-from ml_backend.protocol import parse_label_config as backend_config
+from ml_backend.protocol import image_refs, parse_label_config as backend_config
 from ml_backend.settings import Settings
 from tests import dataset
 from tests.image_server import serve_files
@@ -85,18 +85,19 @@ def test_predict_defers_what_the_deadline_does_not_reach_and_prewarms_it(images,
         assert len(results) == len(tasks)
         answered = [i for i, r in enumerate(results) if "result" in r]
         deferred = [i for i, r in enumerate(results) if r.get("deferred")]
-        assert 8 in answered and results[8]["result"] == []  # no boxes: answered at once, not deferred
-        assert deferred and len(answered) + len(deferred) == len(tasks), results
+        # no boxes: answered at once, not deferred, without a "result" (Label Studio stores nothing, asks again)
+        assert results[8].get("no_boxes") and "result" not in results[8] and 8 not in deferred
+        assert deferred and len(answered) + len(deferred) + 1 == len(tasks), results
         assert all("result" not in results[i] for i in deferred)  # Label Studio stores nothing for them
-        assert all(len(results[i]["result"]) == 1 for i in answered if i != 8)
+        assert all(len(results[i]["result"]) == 1 for i in answered)
         assert seconds < deadline + 4.0, f"one call took {seconds:.1f} s with a {deadline} s budget"
 
         # the deferred images are embedded in the background: the next call answers every task
         assert backend.prewarmer.wait_idle(120), backend.prewarmer.status()
         assert backend.prewarmer.counts["embedded"] == len(deferred)
         again, _ = predict(client, tasks)
-        assert all("result" in r for r in again), again
-        assert [len(r["result"]) for r in again] == [1] * 8 + [0]
+        assert all("result" in r for r in again[:8]) and again[8].get("no_boxes"), again
+        assert [len(r["result"]) for r in again[:8]] == [1] * 8
 
 
 def test_ten_thousand_tasks_are_answered_within_the_budget(images, tmp_path):
@@ -144,7 +145,7 @@ def test_prewarm_yields_to_live_calls_and_tasks_created_queues_new_images(images
         assert status["embedded"] == 3 and status["queued"] == 0
 
         # an encode already running pauses at the next encoder block while a live call runs
-        backend.prewarm_tasks("7", [{"id": 60, "data": {"image": sorted(images)[3]}}], backend_config(CONFIG))
+        backend.prewarm_tasks("7", image_refs([{"id": 60, "data": {"image": sorted(images)[3]}}], backend_config(CONFIG)))
         deadline = time.monotonic() + 10
         while not backend.prewarmer._current_keys:
             assert time.monotonic() < deadline, "the pre-warm encode did not start"
@@ -221,7 +222,7 @@ def test_batched_prewarm_embeds_every_image(images, tmp_path):
     with serve_files(images, TOKEN) as url:
         backend, client = make_backend(url, tmp_path / "models", encoder_batch=3)
         new = [{"id": 70 + i, "data": {"image": p}} for i, p in enumerate(sorted(images)[4:8])]
-        assert backend.prewarm_tasks("7", new, backend_config(CONFIG)) == 4
+        assert backend.prewarm_tasks("7", image_refs(new, backend_config(CONFIG))) == 4
         assert backend.prewarmer.wait_idle(120) and backend.prewarmer.counts["embedded"] == 4
         assert len(list((tmp_path / "models" / "embeddings").rglob("*.safetensors"))) == 4
         results, _ = predict(client, [box_task(i, p) for i, p in enumerate(sorted(images)[4:8])])

@@ -53,3 +53,18 @@ def test_start_training_and_ignored_and_malformed(backend):
     bad = requests.post(f"{url}/webhook", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=5)
     assert bad.status_code == 400
     assert requests.get(f"{url}/train/status", timeout=5).status_code == 400
+
+
+def test_the_same_annotation_through_two_webhooks_counts_once(backend):
+    """Two webhooks of a project to this backend (a connection made twice) deliver every event twice."""
+    url, _ = backend
+    body = {"action": "ANNOTATION_CREATED", "project": {"id": 33}, "task": {"id": 1},
+            "annotation": {"id": 77, "updated_at": "2026-12-06T10:00:00.123456Z", "was_cancelled": False}}
+    first = requests.post(f"{url}/webhook", json=body, timeout=5)
+    second = requests.post(f"{url}/webhook", json=body, timeout=5)
+    assert first.json()["status"] == "recorded" and second.json() == {"status": "duplicate"}, second.text
+    edited = {**body, "action": "ANNOTATION_UPDATED",
+              "annotation": {**body["annotation"], "updated_at": "2026-12-06T10:01:00.000001Z"}}
+    assert requests.post(f"{url}/webhook", json=edited, timeout=5).json()["status"] == "recorded"
+    status = requests.get(f"{url}/train/status", params={"project": 33}, timeout=5).json()
+    assert status["events_recorded"] == 2 and status["pending_annotations"] == 2

@@ -1,31 +1,49 @@
 """Model runtime, fine-tuning, checkpoint registry and training jobs for the SAM backend.
 
-The core: no HTTP, no network, no Label Studio JSON (ml_backend/ converts at the edge). Its public names:
+The core: no HTTP, no network, no Label Studio JSON (ml_backend/ converts at the edge). Its public names are
+below; each is imported on first use (PEP 562), so `import trainer.files` or a command that needs no model
+(`python -m ml_backend connect`) does not pay for torch and scipy.
 """
-from .active import ActiveDecoders, ServedDecoder
-from .calibration import Calibration, fit_calibration
-from .cache import DiskEmbeddings, EmbeddingCache, image_key
-from .data import DataError, Dataset, ImageSamples, Sample, assign_splits, dataset_summary, held_out_sets, load_coco
-from .decoder import decoder_copy
-from .files import write_atomic
-from .finetune import (FineTuneConfig, ObjectResult, TrainingEmbeddings, evaluate, evaluate_objects, fine_tune, make_loss,
-                       train_and_register)
-from .images import MAX_PIXELS, decode_image
-from .losses import LOSSES, SeedMSELoss, WindowDiceLoss
-from .jobs import Dispatcher, Job, JobStore, TriggerPolicy, project_lock, run_job
-from .models import VARIANTS, LoadedModel, ModelLoadError, load_model
-from .quality import MaskQuality, expected_iou, measure_quality, task_score
-from .registry import PROJECT_NAME, Registry, RegistryError
-from .runtime import BASE_VERSION, Segmenter
-from .score_metrics import score_report
-from .types import Box, Embedding, Mask, Point, Prompts
+from __future__ import annotations
 
-__all__ = [
-    "ActiveDecoders", "ServedDecoder", "DiskEmbeddings", "EmbeddingCache", "image_key", "DataError", "Dataset",
-    "ImageSamples", "Sample", "assign_splits", "dataset_summary", "load_coco", "decoder_copy", "write_atomic",
-    "LOSSES", "SeedMSELoss", "WindowDiceLoss", "make_loss", "FineTuneConfig", "TrainingEmbeddings", "evaluate", "fine_tune", "train_and_register", "MAX_PIXELS",
-    "decode_image", "Dispatcher", "Job", "JobStore", "TriggerPolicy", "project_lock", "run_job", "VARIANTS",
-    "LoadedModel", "ModelLoadError", "load_model", "PROJECT_NAME", "Registry", "RegistryError", "BASE_VERSION",
-    "Segmenter", "Box", "Embedding", "Mask", "Point", "Prompts", "Calibration", "fit_calibration", "held_out_sets",
-    "ObjectResult", "evaluate_objects", "MaskQuality", "expected_iou", "measure_quality", "score_report", "task_score",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "active": ("ActiveDecoders", "ServedDecoder"),
+    "calibration": ("Calibration", "fit_calibration"),
+    "clicks": ("ClickMemory",),
+    "cache": ("DiskEmbeddings", "EmbeddingCache", "image_key"),
+    "data": ("DataError", "Dataset", "ImageSamples", "Sample", "assign_splits", "dataset_summary", "held_out_sets",
+             "load_coco"),
+    "decoder": ("decoder_copy",),
+    "files": ("write_atomic",),
+    "finetune": ("FineTuneConfig", "ObjectResult", "TrainingEmbeddings", "evaluate", "evaluate_objects", "fine_tune",
+                 "make_loss", "train_and_register"),
+    "images": ("MAX_PIXELS", "decode_image"),
+    "losses": ("LOSSES", "SeedMSELoss", "WindowDiceLoss"),
+    "jobs": ("Dispatcher", "Job", "JobStore", "TriggerPolicy", "project_lock", "run_job"),
+    "models": ("VARIANTS", "LoadedModel", "ModelLoadError", "load_model"),
+    "quality": ("MaskQuality", "expected_iou", "measure_quality", "task_score"),
+    "registry": ("PROJECT_NAME", "Registry", "RegistryError"),
+    "runtime": ("BASE_VERSION", "Segmenter"),
+    "score_metrics": ("score_report",),
+    "types": ("Box", "Embedding", "Mask", "Point", "Prompts"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    """`trainer.X` for a public name X: import its module now and keep the name here."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from .evidence import GATE_IMAGES_WANTED, MIN_GATE_OBJECTS
 from .images import MAX_PIXELS, decode_image
 from .types import Box, Mask
 
@@ -90,21 +91,45 @@ def hash_fraction(image_id: str) -> float:
     return int(hashlib.sha256(image_id.encode()).hexdigest()[:15], 16) / 16**15
 
 
-def held_out_sets(images: list[ImageSamples]) -> tuple[list[ImageSamples], list[ImageSamples]]:
+def _objects(images: list[ImageSamples]) -> int:
+    return sum(len(i.samples) for i in images)
+
+
+def held_out_sets(images: list[ImageSamples], min_gate_objects: int = 0, min_gate_images: int = 1,
+                  wanted_gate_images: int = 0) -> tuple[list[ImageSamples], list[ImageSamples]]:
     """The held-out images in two disjoint sets: (early stopping and score calibration, the promotion gate).
 
     A "gate" split is taken as given; otherwise the "val" images alternate in id-hash order, the first to the
-    gate (one val image: a gate and no early stopping), so the gate never judges what picked the epoch.
+    gate (one val image: a gate and no early stopping), so the gate never judges what picked the epoch. In a
+    small project the gate comes first (without it nothing can be promoted; early stopping without images keeps
+    the last epoch): when it holds fewer objects or images than a promotion needs (trainer/evidence.py) but the
+    val images together hold enough, early-stopping images move to it, in hash order, until it has them; then
+    more, up to `wanted_gate_images` images, while one early-stopping image stays.
     """
     gate = [i for i in images if i.split == "gate"]
     val = sorted((i for i in images if i.split == "val"), key=lambda i: hash_fraction(i.image_id))
-    return (val, gate) if gate else (val[1::2], val[0::2])
+    if gate:
+        return val, gate
+    early, gate = val[1::2], val[0::2]
+    if _objects(val) >= min_gate_objects and len(val) >= min_gate_images:
+        while _objects(gate) < min_gate_objects or len(gate) < min_gate_images:
+            gate.append(early.pop(0))
+    while len(gate) < wanted_gate_images and len(early) > 1:
+        gate.append(early.pop(0))
+    return early, gate
 
 
-def assign_splits(images: list[ImageSamples], val_fraction: float = 0.2) -> None:
+def assign_splits(images: list[ImageSamples], val_fraction: float = 0.2,
+                  min_val_objects: int = 2 * MIN_GATE_OBJECTS, min_val_images: int = GATE_IMAGES_WANTED + 1) -> None:
     """Deterministic train/val split by image-id hash, for images without a split.
 
-    With two or more images at least one goes to val and at least one stays in train.
+    With two or more images at least one goes to val and at least one stays in train. A small project's
+    `val_fraction` holds too few objects for a gate that can promote (trainer/evidence.py) and an early-stopping
+    set: then more images go to val, lowest hash first, until val holds `min_val_objects` objects (a gate's
+    minimum and as many to early-stop on and fit the score's calibration) on `min_val_images` images (the gate
+    a small project wants, and one), or half the images (the rest train). As the project grows, the number held out
+    follows its size, so an image may change sides: a served version may then be gated on an image it was
+    trained on, which favours it over the new one (the gate errs towards keeping what is served).
     """
     pending = [i for i in images if i.split is None]
     for image in pending:
@@ -113,6 +138,12 @@ def assign_splits(images: list[ImageSamples], val_fraction: float = 0.2) -> None
         min(pending, key=lambda i: hash_fraction(i.image_id)).split = "val"
     if len(pending) >= 2 and not any(i.split == "train" for i in pending):
         max(pending, key=lambda i: hash_fraction(i.image_id)).split = "train"
+    val = [i for i in pending if i.split == "val"]
+    train = sorted((i for i in pending if i.split == "train"), key=lambda i: hash_fraction(i.image_id))
+    while train and len(val) < len(pending) // 2 and (_objects(val) < min_val_objects or len(val) < min_val_images):
+        image = train.pop(0)
+        image.split = "val"
+        val.append(image)
 
 
 def dataset_summary(images: list[ImageSamples], source: str, skipped: dict | None = None) -> dict:

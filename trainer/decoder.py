@@ -33,6 +33,17 @@ class ImageTokens:
     q0: torch.Tensor
     grid: tuple[int, int]
 
+    def window(self, window: tuple[int, int, int, int]) -> "ImageTokens":
+        """Only the grid cells of `window` (gy0, gx0, gy1, gx1), as if the image were that crop of the grid: a
+        decode on it costs in proportion to the window's cells and approximates the whole image's (the prompt
+        tokens no longer see the cells outside). For ranking many candidate prompts cheaply (`trainer.clicks`)."""
+        gy0, gx0, gy1, gx1 = window
+        width = self.grid[1]
+        rows = torch.arange(gy0, gy1, device=self.keys.device)[:, None] * width
+        cells = (rows + torch.arange(gx0, gx1, device=self.keys.device)[None, :]).reshape(-1)
+        return ImageTokens(*(t[:, cells] for t in (self.keys, self.key_pe, self.k0, self.v0, self.q0)),
+                           grid=(gy1 - gy0, gx1 - gx0))
+
 
 @dataclass(frozen=True)
 class LowResMask:
@@ -44,10 +55,17 @@ class LowResMask:
     iou: float
 
 
-def prepare_image(decoder: MaskDecoder, prompt_encoder: PromptEncoder, features: torch.Tensor) -> ImageTokens:
-    """features (1, C, h, w) -> the image tokens and the layer-0 projections every prompt shares."""
+def prepare_image(decoder: MaskDecoder, prompt_encoder: PromptEncoder, features: torch.Tensor,
+                  mask_input: torch.Tensor | None = None) -> ImageTokens:
+    """features (1, C, h, w) -> the image tokens and the layer-0 projections every prompt shares.
+
+    mask_input: (1, 1, 4h, 4w) low-res logits of a previous step fed back as the dense prompt (SAM's interactive
+    loop); None: no mask prompt."""
     _, c, h, w = features.shape
-    dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    if mask_input is None:
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    else:
+        dense = prompt_encoder.mask_downscaling(mask_input)
     keys = (features + dense).flatten(2).permute(0, 2, 1)
     key_pe = prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
     layer0 = decoder.transformer.layers[0]
@@ -135,6 +153,26 @@ def decode_windows(decoder: MaskDecoder, image: ImageTokens, sparse: torch.Tenso
     logits, iou = window_logits(decoder, image, sparse, windows)
     return [LowResMask(logits=l, y0=gy0 * UPSCALE, x0=gx0 * UPSCALE, iou=float(iou[i]))
             for i, (l, (gy0, gx0, _, _)) in enumerate(zip(logits, windows))]
+
+
+def decode_multimask(decoder: MaskDecoder, image: ImageTokens, sparse: torch.Tensor,
+                     window: tuple[int, int, int, int]) -> list[LowResMask]:
+    """sparse (1, N, C) one prompt -> SAM's three multimask outputs (mask tokens 1-3) on `window`, as
+    `MaskDecoder(..., multimask_output=True)` gives them: for an ambiguous prompt (one click) SAM picks the one
+    with the highest predicted IoU."""
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens.unsqueeze(0), sparse], dim=1)
+    queries, keys = _transformer(decoder, image, tokens)
+    iou = decoder.iou_prediction_head(queries[:, 0, :])[0]
+    gy0, gx0, gy1, gx1 = window
+    h, w = image.grid
+    upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(1, -1, h, w)[:, :, gy0:gy1, gx0:gx1])[0]
+    masks = []
+    for output in range(1, decoder.num_mask_tokens):
+        hyper = decoder.output_hypernetworks_mlps[output](queries[0, 1 + output, :])
+        masks.append(LowResMask(logits=torch.einsum("c,chw->hw", hyper, upscaled), y0=gy0 * UPSCALE,
+                                x0=gx0 * UPSCALE, iou=float(iou[output])))
+    return masks
 
 
 def decoder_copy(decoder: MaskDecoder, state: dict[str, torch.Tensor] | None = None,

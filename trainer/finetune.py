@@ -21,6 +21,7 @@ from .calibration import Calibration, fit_calibration
 from .cache import DiskEmbeddings, EmbeddingCache, image_key
 from .data import DataError, Dataset, ImageSamples, Sample, held_out_sets
 from .decoder import UPSCALE, decoder_copy, prepare_image, window_logits
+from .evidence import GATE_IMAGES_WANTED, MIN_GATE_IMAGES, MIN_GATE_OBJECTS, measure, promotion_decision
 from .losses import LOSSES, SeedMSELoss, WindowDiceLoss
 from .quality import MaskQuality
 from .registry import Registry, RegistryError
@@ -48,7 +49,9 @@ class FineTuneConfig:
     box_jitter: float = 0.05  # each box side moves by up to this fraction of the box's size
     patience: int = 3  # epochs without a better val mIoU before stopping
     seed: int = 0
-    margin: float = 0.005  # the new decoder must beat the active one by this much val mIoU to be promoted
+    margin: float = 0.005  # the gate's mIoU gain must exceed this with 95 % confidence (trainer/evidence.py)
+    min_gate_objects: int = MIN_GATE_OBJECTS  # fewer gate objects (or images): kept, never promoted
+    min_gate_images: int = MIN_GATE_IMAGES
 
 
 class TrainingEmbeddings:
@@ -255,7 +258,8 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
         raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
     loss_fn = loss or make_loss(config)
     torch.manual_seed(config.seed)
-    train, (val, _) = dataset.split("train"), held_out_sets(dataset.images)
+    train, (val, _) = dataset.split("train"), held_out_sets(dataset.images, config.min_gate_objects,
+                                                            config.min_gate_images, GATE_IMAGES_WANTED)
     if not train:
         raise DataError("no training images (the train split is empty)")
     decoder = decoder_copy(segmenter.model.sam.mask_decoder, start_state, trainable=True)
@@ -273,7 +277,7 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
 
     start = miou(val_objects())
     best = FineTuneResult(snapshot(), start, None, 0)
-    log.info("epoch 0: val mIoU %s (starting decoder)", start)
+    log.info("epoch", extra={"epoch": 0, "epochs": config.epochs, "val_miou": start})  # the starting decoder
     for epoch in range(1, config.epochs + 1):
         began, losses, rng = time.perf_counter(), [], np.random.default_rng([config.seed, epoch, 1])
         plan = epoch_plan(train, config, epoch)
@@ -294,29 +298,17 @@ def fine_tune(segmenter: Segmenter, dataset: Dataset, embeddings: TrainingEmbedd
         best.curves.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_miou": epoch_miou,
                             "objects": sum(len(p) for _, p in plan), "train_seconds": round(trained, 2),
                             "seconds": round(time.perf_counter() - began, 2)})
-        log.info("epoch %d: train loss %.4f, val mIoU %s, %.1f s", epoch, best.curves[-1]["train_loss"], epoch_miou,
-                 best.curves[-1]["seconds"])
+        log.info("epoch", extra={"epochs": config.epochs, **best.curves[-1]})
         if epoch_miou is None or best.best_epoch == 0 or epoch_miou > best.val_miou_best:  # no val: the last epoch
             best.state, best.val_miou_best, best.best_epoch = snapshot(), epoch_miou, epoch
             best.val_objects = objects
         elif epoch - best.best_epoch >= config.patience and epoch < config.epochs:
-            log.info("early stop: no better val mIoU since epoch %d", best.best_epoch)
+            log.info("early stop", extra={"epoch": epoch, "best_epoch": best.best_epoch})  # no better val mIoU since
             break
     return best
 
 
 # -- gated registry write -----------------------------------------------------------------------------------
-def gate(new: float | None, current: float | None, margin: float, current_name: str) -> tuple[bool, str]:
-    """Promote only when the new decoder beats the served one by the margin on the gate set's mIoU."""
-    if new is None or current is None:
-        return False, "no gate images (held-out annotations): cannot compare with the served model, not promoted"
-    if new > current + margin:
-        return True, (f"gate mIoU {new:.4f} beats {current_name} {current:.4f} by {new - current:+.4f} "
-                      f"(margin {margin})")
-    return False, (f"gate mIoU {new:.4f} does not beat {current_name} {current:.4f} by the margin {margin} "
-                   f"({new - current:+.4f})")
-
-
 def train_and_register(segmenter: Segmenter, dataset: Dataset, registry: Registry, model_dir: Path | str,
                        config: FineTuneConfig, progress: bool = True) -> dict:
     """Fine-tune from the active version (or base), write a new version always, activate it if it wins, prune.
@@ -338,20 +330,25 @@ def train_and_register(segmenter: Segmenter, dataset: Dataset, registry: Registr
             parent = None
     embeddings = TrainingEmbeddings(segmenter, DiskEmbeddings(Path(model_dir) / "embeddings"))
     result = fine_tune(segmenter, dataset, embeddings, config, start_state, progress)
-    early_stop, gate_images = held_out_sets(dataset.images)
+    early_stop, gate_images = held_out_sets(dataset.images, config.min_gate_objects, config.min_gate_images,
+                                            GATE_IMAGES_WANTED)
     new_decoder = segmenter.fine_tuned_decoder(result.state)
     fitted = result.val_objects  # the early-stopping set, scored by the best epoch's decoder
     calibration = fit_calibration(np.array([o.score for o in fitted]), np.array([o.iou for o in fitted]))
     current_decoder = segmenter.fine_tuned_decoder(start_state) if start_state is not None else None
-    gate_current = evaluate(segmenter, embeddings, gate_images, current_decoder, config.max_val_objects,
-                            start_calibration)
+    current_objects = evaluate_objects(segmenter, embeddings, gate_images, current_decoder, config.max_val_objects,
+                                       start_calibration)
+    gate_current = summarise(current_objects)
     gate_objects = evaluate_objects(segmenter, embeddings, gate_images, new_decoder, config.max_val_objects)
     gate_new = summarise([replace(o, score=calibration(o.score)) for o in gate_objects] if calibration
                          else gate_objects)
     compared = parent or BASE_VERSION
-    promoted, reason = gate(gate_new["miou"], gate_current["miou"], config.margin, compared)
+    evidence = measure([o.iou for o in gate_objects], [o.iou for o in current_objects],
+                       [o.image_id for o in gate_objects])  # the same objects in the same order: paired
+    promoted, reason = promotion_decision(evidence, config.margin, compared, config.min_gate_objects,
+                                          config.min_gate_images)
     metrics = {"gate_miou_current": gate_current["miou"], "gate_miou_new": gate_new["miou"], "compared_with": compared,
-               "gate_images": len(gate_images), "gate_objects": gate_new["n_objects"],
+               "gate_images": len(gate_images), "gate_objects": gate_new["n_objects"], **evidence.as_dict(),
                "early_stop_images": len(early_stop), "early_stop_miou_start": result.val_miou_start,
                "early_stop_miou_best": result.val_miou_best, "best_epoch": result.best_epoch,
                "epochs_run": len(result.curves), "gate_score": gate_new["score"],
@@ -367,7 +364,9 @@ def train_and_register(segmenter: Segmenter, dataset: Dataset, registry: Registr
     if promoted:
         registry.activate(version)
     pruned = registry.prune()
-    log.info("version %s written, %s: %s", version, "promoted" if promoted else "not promoted", reason)
+    log.info("version written", extra={"version": version, "promoted": promoted, "reason": reason,
+                                       "gate_images": evidence.images, "gate_objects": evidence.objects,
+                                       **evidence.as_dict()})
     return {"version": version, "promoted": promoted, "reason": reason, "active": registry.active(),
             "model_version": segmenter.model_version(registry.active() or BASE_VERSION), "pruned": pruned,
             "calibrated": calibration is not None, **{k: v for k, v in metrics.items() if k != "curves"},

@@ -1,5 +1,7 @@
-"""Training jobs: durable event and job records (SQLite under MODEL_DIR), coalescing, per-project locks, and
-the dispatcher that runs each job in its own low-priority child process.
+"""Training jobs on SQLite (MODEL_DIR/jobs.sqlite): durable event and job records and their coalescing. The
+rest of the job machinery, one concept a file: job_rules.py (the record, the trigger rule both stores apply),
+job_locks.py (project locks, host slots), dispatcher.py (this store's runner), job_child.py (a job's child
+process), jobs_redis.py (the Redis store and runner), jobs_schema.py (this store's schema).
 
 - Every webhook event is committed to `events` before the backend answers (WAL, synchronous=NORMAL: a commit
   survives any crash of the process; a power loss may drop the last ones, which cost a trigger count only,
@@ -17,80 +19,19 @@ the dispatcher that runs each job in its own low-priority child process.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
-import logging
-import os
-import re
-import signal
-import socket
 import sqlite3
-import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from .data import Dataset
-from .finetune import FineTuneConfig, train_and_register
-from .registry import Registry
-from .runtime import Segmenter
-
-log = logging.getLogger("trainer.jobs")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, project TEXT NOT NULL, action TEXT NOT NULL,
-    annotations INTEGER NOT NULL, received_at REAL NOT NULL, job_id INTEGER);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, project TEXT NOT NULL, state TEXT NOT NULL,
-    trigger TEXT NOT NULL, created_at REAL NOT NULL, not_before REAL NOT NULL,
-    started_at REAL, finished_at REAL, pid INTEGER, result TEXT, error TEXT);
-CREATE INDEX IF NOT EXISTS jobs_project_state ON jobs (project, state);
-CREATE TABLE IF NOT EXISTS job_progress (job_id INTEGER PRIMARY KEY, progress TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS events_project_job ON events (project, job_id);
-"""
-ACTIVE_STATES = ("queued", "running")
-TRAIN, PRELABEL = "train", "prelabel"  # job kinds; training is claimed first
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    project: str
-    state: str
-    trigger: str
-    created_at: float
-    not_before: float
-    started_at: float | None
-    finished_at: float | None
-    pid: int | None
-    result: dict | None
-    error: str | None
-    kind: str = TRAIN
-    worker: str | None = None    # host:pid of the runner (Redis store; SQLite: the pid column only)
-    retry_of: int | None = None  # the job this one retries (Redis store: a run whose worker died)
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row | dict) -> "Job":
-        data = dict(row)
-        if isinstance(data.get("result"), str):
-            data["result"] = json.loads(data["result"]) if data["result"] else None
-        return cls(**data)
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
-
-
-@dataclass(frozen=True)
-class TriggerPolicy:
-    """START_TRAINING always schedules at once; annotation events once `min_annotations` new completed
-    annotations are pending, after `debounce_s` of quiet (each new event pushes the start back)."""
-
-    min_annotations: int = 10
-    debounce_s: float = 30.0
+from .dispatcher import Dispatcher  # noqa: F401  (re-exported: the package's public names)
+from .job_child import lower_priority, run_job  # noqa: F401
+from .job_locks import (acquire_slot, describe_busy, lock_holder, project_lock, project_lock_path,  # noqa: F401
+                        write_holder)
+from .job_rules import DUPLICATE_WINDOW_S, PRELABEL, TRAIN, Job, TriggerPolicy, next_start  # noqa: F401
+from .jobs_schema import ensure_schema
 
 
 class JobStore:
@@ -98,18 +39,13 @@ class JobStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(SCHEMA)
-            if "kind" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
-                db.execute(f"ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT '{TRAIN}'")
+        ensure_schema(self.path)  # safe with many processes opening a new store at once (jobs_schema.py)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
+            db.row_factory = sqlite3.Row  # WAL: set once by ensure_schema, it stays with the file
             db.execute("PRAGMA synchronous=NORMAL")  # no fsync per commit: a burst of webhooks stays fast
             yield db
         finally:
@@ -132,32 +68,40 @@ class JobStore:
                 raise
 
     # -- events -> jobs -----------------------------------------------------------------------------
-    def record_event(self, project: str, action: str, annotations: int, policy: TriggerPolicy,
-                     now: float | None = None) -> tuple[int, int | None]:
-        """Commit the event and apply the trigger policy; returns (event id, job id it joined or None)."""
+    def record_event(self, project: str, trigger: str, annotations: int, policy: TriggerPolicy,
+                     now: float | None = None, key: str | None = None,
+                     explicit: bool = False) -> tuple[int | None, int | None]:
+        """Commit the event (`trigger` names it in the records; `explicit`: a person asked to train now) and apply
+        `next_start`; returns (event id, job id it joined or None).
+        key: what makes two deliveries one event (`ml_backend.webhooks`); an event whose key the project recorded
+        within DUPLICATE_WINDOW_S is a duplicate (two webhooks to this backend): nothing is recorded,
+        (None, None) is returned."""
         now = time.time() if now is None else now
         with self._transaction() as db:
+            if key is not None:
+                db.execute("DELETE FROM event_keys WHERE received_at < ?", (now - DUPLICATE_WINDOW_S,))
+                if db.execute("INSERT OR IGNORE INTO event_keys (project, key, received_at) VALUES (?,?,?)",
+                              (project, key, now)).rowcount == 0:
+                    return None, None
             event_id = db.execute("INSERT INTO events (project, action, annotations, received_at) VALUES (?,?,?,?)",
-                                  (project, action, annotations, now)).lastrowid
-            queued = db.execute("SELECT * FROM jobs WHERE project=? AND state='queued' AND kind=?",
-                                (project, TRAIN)).fetchone()
-            if action == "START_TRAINING":
-                not_before = now
-            elif queued is not None and queued["trigger"] == "START_TRAINING":
-                not_before = queued["not_before"]  # an explicit request is not delayed by later edits
-            else:
-                pending = db.execute("SELECT COALESCE(SUM(annotations), 0) FROM events WHERE project=? AND "
-                                     "job_id IS NULL", (project,)).fetchone()[0]
-                if queued is None and pending < policy.min_annotations:
-                    return event_id, None
-                not_before = now + policy.debounce_s  # debounce: wait for a quiet moment
+                                  (project, trigger, annotations, now)).lastrowid
+            row = db.execute("SELECT * FROM jobs WHERE project=? AND state='queued' AND kind=?",
+                             (project, TRAIN)).fetchone()
+            queued = Job.from_row(row) if row is not None else None
+            pending = db.execute("SELECT COALESCE(SUM(annotations), 0) FROM events WHERE project=? AND "
+                                 "job_id IS NULL", (project,)).fetchone()[0]
+            not_before = next_start(policy, explicit, queued, pending, now)
+            if not_before is None:
+                return event_id, None
             if queued is None:
-                job_id = db.execute("INSERT INTO jobs (project, state, trigger, created_at, not_before) "
-                                    "VALUES (?, 'queued', ?, ?, ?)", (project, action, now, not_before)).lastrowid
+                job_id = db.execute("INSERT INTO jobs (project, state, trigger, created_at, not_before, explicit) "
+                                    "VALUES (?, 'queued', ?, ?, ?, ?)",
+                                    (project, trigger, now, not_before, int(explicit))).lastrowid
             else:
-                job_id = queued["id"]
-                trigger = "START_TRAINING" if action == "START_TRAINING" else queued["trigger"]
-                db.execute("UPDATE jobs SET not_before=?, trigger=? WHERE id=?", (not_before, trigger, job_id))
+                job_id = queued.id
+                db.execute("UPDATE jobs SET not_before=?, trigger=?, explicit=? WHERE id=?",
+                           (not_before, trigger if explicit else queued.trigger, int(explicit or queued.explicit),
+                            job_id))
             db.execute("UPDATE events SET job_id=? WHERE project=? AND job_id IS NULL", (job_id, project))
             return event_id, job_id
 
@@ -238,6 +182,27 @@ class JobStore:
                        "AND (? IS NULL OR project=?)", (time.time(), reason, project, project))
         return ids
 
+    def hand_back(self, job_id: int, now: float | None = None) -> int:
+        """Queue again, due at once, a running job whose run a worker shutdown stopped. If the project already has
+        a queued job of that kind (events that came in meanwhile), that one takes over its events and the stopped
+        one is failed. Returns the id of the job that will run."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            job = self.job(job_id, db)
+            if job is None or job.state != "running":
+                return job_id
+            queued = db.execute("SELECT id FROM jobs WHERE project=? AND state='queued' AND kind=?",
+                                (job.project, job.kind)).fetchone()
+            if queued is None:
+                db.execute("UPDATE jobs SET state='queued', not_before=?, started_at=NULL, pid=NULL WHERE id=?",
+                           (now, job_id))
+                return job_id
+            db.execute("UPDATE jobs SET state='failed', finished_at=?, error=? WHERE id=?",
+                       (now, f"stopped by a worker shutdown; job {queued['id']} takes its place", job_id))
+            db.execute("UPDATE events SET job_id=? WHERE job_id=?", (queued["id"], job_id))
+            db.execute("UPDATE jobs SET not_before=MIN(not_before, ?) WHERE id=?", (now, queued["id"]))
+            return queued["id"]
+
     # -- reading ------------------------------------------------------------------------------------
     def job(self, job_id: int, db: sqlite3.Connection | None = None) -> Job | None:
         if db is None:
@@ -276,246 +241,3 @@ class JobStore:
                 "pending_annotations": self.pending_annotations(project),
                 "events_recorded": self.count_events(project)}
 
-
-LOCK_DIR = "locks"  # under MODEL_DIR
-
-
-def _lock_path(model_dir: Path | str, name: str) -> Path:
-    path = Path(model_dir) / LOCK_DIR / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def project_lock_path(model_dir: Path | str, project: str) -> Path:
-    """MODEL_DIR/locks/project-<project>.lock (a hash for a name that is not a plain file name)."""
-    name = project if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}", project) else \
-        "h-" + hashlib.sha256(project.encode()).hexdigest()[:24]
-    return _lock_path(model_dir, f"project-{name}.lock")
-
-
-def _try_flock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on path, or None when another open file holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def write_holder(fd: int, **holder: object) -> None:
-    """Note who holds a lock (pid, host, what, since) in its file, for the messages of those who wait."""
-    data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), **holder}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
-
-
-def lock_holder(model_dir: Path | str, project: str) -> dict | None:
-    """What the project's lock file says about its holder (meaningful only while the lock is held)."""
-    try:
-        return json.loads(project_lock_path(model_dir, project).read_text() or "null")
-    except (OSError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def project_lock(model_dir: Path | str, project: str, wait_s: float = 0.0, on_busy: Callable[[], None] | None = None,
-                 poll_s: float = 0.25) -> Iterator[int | None]:
-    """The project's cross-process lock (flock): one job or command-line run of a project at a time. Waits up
-    to `wait_s` seconds (calling `on_busy` once if it has to wait); yields the fd, or None when still held."""
-    path = project_lock_path(model_dir, project)
-    fd = _try_flock(path)
-    if fd is None and wait_s > 0:
-        if on_busy is not None:
-            on_busy()
-        deadline = time.monotonic() + wait_s
-        while fd is None and time.monotonic() < deadline:
-            time.sleep(poll_s)
-            fd = _try_flock(path)
-    try:
-        yield fd
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def acquire_slot(model_dir: Path | str, concurrency: int) -> int | None:
-    """One of the host's `concurrency` job slots (flock on MODEL_DIR/locks/slot-<i>.lock), or None when all are
-    held. Every process sharing MODEL_DIR must use the same TRAINING_CONCURRENCY."""
-    for index in range(max(1, concurrency)):
-        fd = _try_flock(_lock_path(model_dir, f"slot-{index}.lock"))
-        if fd is not None:
-            return fd
-    return None
-
-
-def describe_busy(store: JobStore, model_dir: Path | str, project: str) -> str:
-    """One line naming what holds the project's lock: its running job, else the lock file's holder."""
-    running = store.running(project)
-    holder = lock_holder(model_dir, project) or {}
-    if running:
-        job = running[-1]
-        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(job.started_at or job.created_at))
-        return f"project {project}: job {job.id} ({job.kind}) is running since {since} (pid {job.pid})"
-    what = holder.get("what", "another process")
-    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder["since"])) if "since" in holder else "?"
-    return f"project {project}: {what} is running since {since} (pid {holder.get('pid', '?')} on {holder.get('host', '?')})"
-
-
-@dataclass
-class _Claim:
-    job: Job
-    slot_fd: int
-    project_fd: int
-
-
-class Dispatcher:
-    """Claims due jobs and runs `job_command + [job id]` as child processes, up to `concurrency` at once per
-    host, each holding its project's lock and a host slot.
-
-    The child inherits both locks, so if this process dies they stay held until the child ends; if the child
-    dies, its job is marked failed here; if both die, the next dispatcher's `recover` fails the job.
-    """
-
-    def __init__(self, store: JobStore, model_dir: Path, job_command: list[str],
-                 env: dict[str, str] | None = None, concurrency: int = 1) -> None:
-        self.store = store
-        self.model_dir = Path(model_dir)
-        self.job_command = job_command
-        self.env = env
-        self.concurrency = max(1, concurrency)
-
-    def recover(self) -> list[int]:
-        """Fail the running jobs of every project whose lock is free (their processes died)."""
-        failed: list[int] = []
-        for project in self.store.running_projects():
-            with project_lock(self.model_dir, project) as fd:
-                if fd is not None:
-                    failed += self.store.recover(project=project)
-        for job_id in failed:
-            log.warning("job recovered as failed", extra={"job": job_id})
-        return failed
-
-    def claim(self) -> _Claim | None:
-        """Take a free slot, then the first due job (training first) whose project's lock is free; mark it
-        running. None when no slot is free or no such job is due."""
-        slot_fd = acquire_slot(self.model_dir, self.concurrency)
-        if slot_fd is None:
-            return None
-        try:
-            for candidate in self.store.due_jobs():
-                project_fd = _try_flock(project_lock_path(self.model_dir, candidate.project))
-                if project_fd is None:
-                    continue  # that project's job runs elsewhere: its next job waits, other projects go on
-                try:
-                    self.store.recover(project=candidate.project)
-                    job = self.store.claim_due(os.getpid(), job_id=candidate.id)
-                    if job is not None:
-                        write_holder(project_fd, what=f"job {job.id} ({job.kind})", job=job.id)
-                        return _Claim(job, slot_fd, project_fd)
-                except BaseException:
-                    os.close(project_fd)
-                    raise
-                os.close(project_fd)
-        except BaseException:
-            os.close(slot_fd)
-            raise
-        os.close(slot_fd)
-        return None
-
-    def _run(self, claim: _Claim) -> Job:
-        """Run a claimed job's child to its end, record a crash, release the locks."""
-        job = claim.job
-        started = time.perf_counter()
-        try:
-            log.info("job started", extra={"job": job.id, "project": job.project, "kind": job.kind,
-                                           "trigger": job.trigger})
-            try:
-                child = subprocess.Popen([*self.job_command, str(job.id)], pass_fds=(claim.slot_fd, claim.project_fd),
-                                         env=self.env)
-            except OSError as exc:
-                self.store.finish(job.id, "failed", error=f"could not start the training process: {exc}"[:2000])
-                raise
-            self.store.set_pid(job.id, child.pid)
-            code = child.wait()
-            if code != 0:
-                why = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-                self.store.finish(job.id, "failed", error=f"training process {why}")
-            else:  # a no-op when the child recorded its end, as it should
-                self.store.finish(job.id, "failed", error="training process exited without recording the job's end")
-        finally:
-            os.close(claim.project_fd)
-            os.close(claim.slot_fd)
-        finished = self.store.job(job.id)
-        log.info("job finished", extra={"job": job.id, "project": job.project, "state": finished.state,
-                                        "seconds": round(time.perf_counter() - started, 1), "error": finished.error})
-        return finished
-
-    def run_once(self) -> Job | None:
-        """Run at most one due job to its end; returns it, or None when nothing ran."""
-        self.recover()
-        claim = self.claim()
-        return None if claim is None else self._run(claim)
-
-    def run_due(self, poll_s: float = 0.5) -> int:
-        """Run jobs, up to `concurrency` at once, until none is due and none of ours runs; returns how many
-        ran (0 when the slots or the due projects' locks are held elsewhere)."""
-        self.recover()
-        running: list[threading.Thread] = []
-        count = 0
-        while True:
-            while (claim := self.claim()) is not None:
-                thread = threading.Thread(target=self._run_logged, args=(claim,), name=f"job-{claim.job.id}",
-                                          daemon=True)
-                thread.start()
-                running.append(thread)
-                count += 1
-            running = [t for t in running if t.is_alive()]
-            if not running:
-                return count
-            running[0].join(poll_s)
-
-    def _run_logged(self, claim: _Claim) -> None:
-        try:
-            self._run(claim)
-        except Exception:
-            log.exception("job run failed", extra={"job": claim.job.id})
-
-    def loop(self, poll_s: float = 1.0) -> None:
-        while True:
-            try:
-                self.run_due()
-            except Exception:  # a broken store or spawn must not kill the serving process's thread
-                log.exception("dispatcher iteration failed")
-            time.sleep(poll_s)
-
-    def start_thread(self, poll_s: float = 1.0) -> threading.Thread:
-        thread = threading.Thread(target=self.loop, args=(poll_s,), name="training-dispatcher", daemon=True)
-        thread.start()
-        return thread
-
-
-def run_job(store: JobStore, job_id: int, segmenter: Segmenter, load_dataset: Callable[[str], Dataset],
-            model_dir: Path, config: FineTuneConfig, keep_last: int) -> dict:
-    """The body of one job (in the child process): fetch the project's data, fine-tune, gate, record."""
-    job = store.job(job_id)
-    if job is None or job.state != "running":
-        raise RuntimeError(f"job {job_id} is not running")
-    try:
-        os.nice(10)
-    except OSError:
-        pass
-    try:
-        dataset = load_dataset(job.project)
-        registry = Registry(model_dir, job.project, keep_last=keep_last)
-        report = train_and_register(segmenter, dataset, registry, model_dir, config, progress=False)
-    except Exception as exc:
-        store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
-        raise
-    result = {k: v for k, v in report.items() if k != "curves"}
-    store.finish(job_id, "succeeded", result=result)
-    return result

