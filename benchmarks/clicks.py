@@ -9,7 +9,10 @@
   none remembered) vs a warm single-box decode, interleaved in one run.
 
     python benchmarks/clicks.py [--clicks 5] [--split test] [--datasets dsb2018_nuclei coco_everyday]
-                                [--max-objects N] [--out benchmarks/results/clicks.json]
+                                [--max-objects N] [--parts quality cost] [--out benchmarks/results/clicks.json]
+
+Quality does not depend on the machine's load, cost does: `--parts cost` re-measures the cost alone (on a calm
+machine) into an existing result, each part keeping the machine it ran on.
 """
 from __future__ import annotations
 
@@ -139,22 +142,28 @@ def main() -> None:
     parser.add_argument("--cost-sessions", type=int, default=12)
     parser.add_argument("--embeddings", type=Path, default=None, help="a folder to keep image embeddings between runs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "clicks.json")
+    parser.add_argument("--parts", nargs="+", choices=("quality", "cost"), default=["quality", "cost"],
+                        help="what to measure; a part not measured keeps its entry in an existing --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     started = time.time()
-    result = {"machine": machine(), "targets": TARGETS, "clicks": args.clicks, "split": args.split, "datasets": {}}
+    previous = json.loads(args.out.read_text()) if args.out.exists() and args.parts != ["quality", "cost"] else {}
+    result = {"machine": machine(), "targets": TARGETS, "clicks": args.clicks, "split": args.split,
+              "datasets": previous.get("datasets", {})}
     segmenter = Segmenter(load_model("lite_medsam"))
     for name in args.datasets:
         folder = SHARED / name
         disk = DiskEmbeddings(args.embeddings) if args.embeddings else None
         embeddings = TrainingEmbeddings(segmenter, disk, max_mb=4096)
-        t0 = time.time()
-        entry = quality(segmenter, embeddings, folder, args.split, args.clicks, args.max_objects)
-        if args.cost_sessions:
-            entry["cost"] = cost(segmenter, embeddings, folder, args.split, args.clicks, args.cost_sessions)
-        entry["seconds"] = round(time.time() - t0, 1)
-        result["datasets"][name] = entry
-        print(name, json.dumps({"clicks_alone": entry["clicks_alone"], "box": entry["box"],
+        entry = result["datasets"].setdefault(name, {})
+        if "quality" in args.parts:
+            t0 = time.time()
+            entry.update(quality(segmenter, embeddings, folder, args.split, args.clicks, args.max_objects))
+            entry["quality_machine"] = {**machine(), "seconds": round(time.time() - t0, 1)}
+        if "cost" in args.parts and args.cost_sessions:
+            entry["cost"] = {**cost(segmenter, embeddings, folder, args.split, args.clicks, args.cost_sessions),
+                             "machine": machine()}
+        print(name, json.dumps({"clicks_alone": entry.get("clicks_alone"), "box": entry.get("box"),
                                 "cost": entry.get("cost", {}).get("over_single_box")}), flush=True)
     result["seconds"] = round(time.time() - started, 1)
     result["machine_at_end"] = {"loadavg": machine()["loadavg"]}

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine
+from tests import hooked
 from tests.dataset import make_coco
 from tests.services import redis_server, wait_for
 from tests.test_rq_scale import JOB_CHILD, SUBSET
@@ -48,15 +49,15 @@ def run_config(redis_url: str, root: Path, coco: Path, workers: int, epochs: int
         (model_dir / f"epochs-{project}").write_text(str(epochs))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
     threads = max(1, (os.cpu_count() or 1) // workers)  # each worker its share of the cores, as a host would run them
-    env.update(OMP_NUM_THREADS=str(threads), MODEL_DIR=str(model_dir), REDIS_URL=redis_url, LOG_LEVEL="WARNING",
-               TRAINING_JOB_COMMAND_FOR_TESTS=json.dumps(
-        [sys.executable, "-c", JOB_CHILD, str(REPO), redis_url, str(model_dir), str(coco)]))
+    env.update(OMP_NUM_THREADS=str(threads), MODEL_DIR=str(model_dir), REDIS_URL=redis_url, LOG_LEVEL="WARNING")
+    hooks = {"training_job_command": [sys.executable, "-c", JOB_CHILD, str(REPO), redis_url, str(model_dir), str(coco)]}
     processes = []
     for i in range(workers):
         with open(root / f"rq-{workers}-{i}.log", "wb") as log:
-            processes.append(subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "training", "--url", redis_url,
-                                               "--name", f"bench-{workers}-{i}", "--with-scheduler"], cwd=REPO, env=env,
-                                              start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+            processes.append(subprocess.Popen(hooked.command(hooks, "rq.cli", "worker", "training", "--url", redis_url,
+                                                             "--name", f"bench-{workers}-{i}", "--with-scheduler"),
+                                              cwd=REPO, env=env, start_new_session=True, stdout=log,
+                                              stderr=subprocess.STDOUT))
     try:
         from rq import Worker
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
@@ -34,7 +33,9 @@ from .label_studio import ConnectError, for_project
 from .settings import Settings
 
 log = logging.getLogger("ml_backend.training")
-JOB_COMMAND = [sys.executable, "-m", "ml_backend", "worker", "--job"]
+# What runs one job (`+ [job id]`) in its child process, for both runners; the tests set a job body that needs no
+# Label Studio here (tests/hooked.py), never through the environment.
+job_command: list[str] = [sys.executable, "-m", "ml_backend", "worker", "--job"]
 RQ_QUEUE = "training"
 RQ_JOB_TIMEOUT_S = 6 * 3600
 EXIT_BUSY = 3  # the command line refused (--no-wait): the project's lock is held
@@ -57,7 +58,7 @@ def _redis_store(url: str) -> RedisJobStore:
 
 
 def dispatcher(settings: Settings) -> Dispatcher:
-    return Dispatcher(job_store(settings), settings.model_dir, JOB_COMMAND, concurrency=settings.training_concurrency)
+    return Dispatcher(job_store(settings), settings.model_dir, job_command, concurrency=settings.training_concurrency)
 
 
 def rq_wake(settings: Settings, job_id: int, delay_s: float = 0.0) -> None:
@@ -78,10 +79,8 @@ def redis_runner(settings: Settings) -> RedisRunner:
     """The Redis runner of this process; inside an RQ task its records name the RQ worker (name@host:pid)."""
     from rq import get_current_job
 
-    command = json.loads(os.environ["TRAINING_JOB_COMMAND_FOR_TESTS"]) if os.environ.get(
-        "TRAINING_JOB_COMMAND_FOR_TESTS") else JOB_COMMAND  # test hook: a job body that needs no Label Studio
     current = get_current_job()
-    return RedisRunner(job_store(settings), command, lambda job_id, delay: rq_wake(settings, job_id, delay),
+    return RedisRunner(job_store(settings), job_command, lambda job_id, delay: rq_wake(settings, job_id, delay),
                        lock_ttl_s=settings.training_lock_ttl_s, name=current.worker_name if current else None)
 
 

@@ -125,8 +125,10 @@ for line in sys.stdin:
         pid = os.fork()
         if pid == 0:
             try:
-                if command[3] != "-":
-                    os.environ["REGISTRY_CRASH_AT"] = command[3]
+                if command[3] != "-":  # SIGKILL at that step (trainer.registry.crash_hook)
+                    import trainer.registry
+                    from tests.hooked import crash_at
+                    trainer.registry.crash_hook = crash_at(command[3])
                 registry = Registry(command[1], command[2], keep_last=3)
                 i = int(command[4])
                 for _ in range(10_000):  # write, activate, prune until killed (bounded should the kill never come)
@@ -219,7 +221,7 @@ def problems_after_kill(zygote: Zygote, pid: int, model_dir: Path, check_served:
 
 def registry_step_kills(zygote: Zygote, model_dir: Path,
                         check_served: Callable[[], list[str]] | None = None) -> dict:
-    """SIGKILL at each named step of write_version / activate / prune (REGISTRY_CRASH_AT)."""
+    """SIGKILL at each named step of write_version / activate / prune (trainer.registry.crash_hook)."""
     results = {}
     for n, step in enumerate(REGISTRY_STEPS):
         registry = Registry(model_dir, PROJECT)

@@ -20,8 +20,12 @@ from tests.faults import PROJECT, QUIET, REPO, is_dead, wait_dead, database_prob
 JOB_CHILD = r"""
 import os, resource, signal, sys
 from pathlib import Path
-repo, model_dir, coco, fsize, job_id = sys.argv[1:6]
+repo, model_dir, coco, fsize, crash_at, job_id = sys.argv[1:7]
 sys.path.insert(0, repo)
+if crash_at != "-":  # SIGKILL at that step of a registry write
+    import trainer.registry
+    from tests.hooked import crash_at as crash_hook
+    trainer.registry.crash_hook = crash_hook(crash_at)
 if fsize != "-":  # "disk full": writes past fsize bytes fail with EFBIG
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(fsize), resource.RLIM_INFINITY))
@@ -40,10 +44,12 @@ run_job(JobStore(Path(model_dir) / "jobs.sqlite"), int(job_id), Segmenter(load_m
 """
 
 
-def job_command(model_dir: Path, coco: Path, fsize: int | None = None) -> list[str]:
+def job_command(model_dir: Path, coco: Path, fsize: int | None = None, crash_at: str | None = None) -> list[str]:
+    """The dispatcher's command for the job body: file writes past `fsize` bytes fail; SIGKILL at `crash_at`
+    (a registry step, trainer.registry.crash_hook)."""
     script = model_dir / "job_child.py"
     script.write_text(JOB_CHILD)
-    return [sys.executable, str(script), str(REPO), str(model_dir), str(coco), str(fsize or "-")]
+    return [sys.executable, str(script), str(REPO), str(model_dir), str(coco), str(fsize or "-"), crash_at or "-"]
 
 
 def _files(model_dir: Path) -> set[Path]:
@@ -60,7 +66,8 @@ def _new_embedding(model_dir: Path, before: set[Path]) -> bool:
     return any("embeddings" in p.parts for p in _files(model_dir) - before)
 
 
-# name -> (seconds after the child starts | predicate(model_dir, files before) firing the kill | REGISTRY_CRASH_AT)
+# name -> (seconds after the child starts | predicate(model_dir, files before) firing the kill | the registry step
+# whose trainer.registry.crash_hook kills it)
 JOB_KILLS: dict[str, dict] = {
     "starting (0.5 s)": {"delay": 0.5},
     "loading the model (3 s)": {"delay": 3.0},
@@ -83,11 +90,9 @@ def run_killed_job(model_dir: Path, coco: Path, kill: dict, timeout: float = 120
     job_id = store.record_event(PROJECT, "START_TRAINING", 0, QUIET, explicit=True)[1]
     events_before = store.count_events()
     env = {**os.environ, "LOG_LEVEL": "WARNING"}
-    if "crash_at" in kill:
-        env["REGISTRY_CRASH_AT"] = kill["crash_at"]
     if "delay" in kill:
         env["JOB_EPOCHS"] = "200"
-    dispatcher = Dispatcher(store, model_dir, job_command(model_dir, coco), env=env)
+    dispatcher = Dispatcher(store, model_dir, job_command(model_dir, coco, crash_at=kill.get("crash_at")), env=env)
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("job", dispatcher.run_once()), daemon=True)
     began = time.monotonic()

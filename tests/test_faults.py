@@ -8,8 +8,8 @@ decoder or keeps the one it served.
 
 Registry writes are killed in processes forked from a "zygote" that has already imported torch and loaded a
 real MaskDecoder state dict, so a kill costs a fork, not a 3 s interpreter start. Each step is also hit
-deterministically with `REGISTRY_CRASH_AT=<step>` (trainer/registry.py, test-only), which SIGKILLs the
-writer right there. Training jobs run the production job body (`trainer.jobs.run_job`) on a 4-image COCO
+deterministically through `trainer.registry.crash_hook` (set by the tests, tests/hooked.py `crash_at`), which
+SIGKILLs the writer right there. Training jobs run the production job body (`trainer.jobs.run_job`) on a 4-image COCO
 subset of dsb2018 under the real `Dispatcher`.
 
 The scenario functions return plain dicts so benchmarks/robustness.py can re-run them for its figures.

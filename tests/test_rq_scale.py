@@ -1,6 +1,7 @@
 """Training at scale on Redis + RQ (REDIS_URL): Redis holds job records, coalescing and the projects' locks; two
 `rq worker` processes sharing one MODEL_DIR stand for two hosts. A real redis-server on 127.0.0.1, real
-fine-tuning on a 5-image COCO subset (a job body that needs no Label Studio, via TRAINING_JOB_COMMAND_FOR_TESTS)."""
+fine-tuning on a 5-image COCO subset (a job body that needs no Label Studio: the workers start through
+tests/hooked.py, which sets ml_backend.training.job_command)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from tests import hooked
 from tests.backend_server import start_backend
 from tests.dataset import make_coco
 from tests.test_jobs import check_min_annotations_and_debounce
@@ -123,16 +125,17 @@ def cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     env = {"MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, "WORKERS": "1", "LOG_LEVEL": "INFO",
            "TRAINING_LOCK_TTL_S": str(LOCK_TTL_S)}
     worker_env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
-    worker_env.update(env, TRAINING_JOB_COMMAND_FOR_TESTS=json.dumps(
-        [sys.executable, "-c", JOB_CHILD, str(REPO), redis_url, str(model_dir), str(coco)]))
+    worker_env.update(env)
+    hooks = {"training_job_command": [sys.executable, "-c", JOB_CHILD, str(REPO), redis_url, str(model_dir),
+                                      str(coco)]}
     workers = []
     try:
         for i in range(2):
             with open(root / f"rq-{i}.log", "wb") as log:
                 workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "rq.cli", "worker", "training", "--url", redis_url, "--with-scheduler",
-                     "--name", f"host-{i}"], cwd=REPO, env=worker_env, start_new_session=True, stdout=log,
-                    stderr=subprocess.STDOUT))
+                    hooked.command(hooks, "rq.cli", "worker", "training", "--url", redis_url, "--with-scheduler",
+                                   "--name", f"host-{i}"), cwd=REPO, env=worker_env, start_new_session=True,
+                    stdout=log, stderr=subprocess.STDOUT))
         with start_backend(env, root / "gunicorn.log") as url:
             yield Cluster(url, redis_url, model_dir, workers, root)
     finally:

@@ -144,14 +144,18 @@ def summary_has_gate_metrics(summary: dict) -> bool:
         and summary["calibrated"] is True
 
 
-def test_a_clicks_score_ignores_the_search_box(segmenter) -> None:
-    """Clicks on the box-only default model search boxes around the click (trainer.clicks): the score of the mask
-    has no fill discount (the fill of a search box says nothing about the object) and is its expected IoU."""
+def test_a_clicks_score_takes_the_fill_of_the_masks_own_box(segmenter) -> None:
+    """Clicks on the box-only default model search boxes around the click (trainer.clicks): the fill of a search box
+    says nothing about the object, so the score's box fill is the mask's share of its own bounding box."""
     image = load_coco(DATASET).split("test")[0]
     embedding = segmenter.embed(image.load_image())
     for sample in image.samples[:4]:
         ys, xs = np.nonzero(sample.mask)
         click = Point(float(xs[len(xs) // 2]), float(ys[len(ys) // 2]))
         (mask,) = segmenter.decode(embedding, Prompts(points=(click,)))
-        assert mask.full()[int(click.y), int(click.x)] and mask.quality.box_fill == 1.0
+        full = mask.full()
+        rows, cols = np.nonzero(full)
+        own_box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert full[int(click.y), int(click.x)]
+        assert mask.quality.box_fill == pytest.approx(full.sum() / own_box)
         assert 0 < mask.score == pytest.approx(expected_iou(mask.quality))

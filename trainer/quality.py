@@ -55,6 +55,14 @@ def largest_part(mask: np.ndarray) -> float:
     return int(stats[1:, cv2.CC_STAT_AREA].max()) / area if count > 1 else 1.0
 
 
+def own_box_fill(mask: np.ndarray) -> float:
+    """A bool (h, w) mask's share of its own bounding box (0 for an empty mask)."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if len(rows) == 0:
+        return 0.0
+    return float(mask.sum()) / float((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
+
+
 def expected_iou(quality: MaskQuality) -> float:
     """The uncalibrated score in [0, 1]: the predicted IoU (square root: the head is the least reliable signal)
     discounted by the mask's instability, by filling too little of its box and by falling apart into pieces;
