@@ -55,6 +55,16 @@ def stop_all() -> bool:
             if not part.stop(timeout_s):
                 stopped = False
                 log.warning("thread still running at exit", extra={"thread": name, "waited_s": timeout_s})
-    if _live:
+    if _live and _can_log():
         log.info("stopped", extra={"clean": stopped, "ms": round(1000 * (time.monotonic() - began), 1)})
     return stopped
+
+
+def _can_log() -> bool:
+    """Whether the log's streams are still open at exit (a host such as pytest may have closed them first)."""
+    logger: logging.Logger | None = log
+    while logger is not None:
+        if any(getattr(getattr(h, "stream", None), "closed", False) for h in logger.handlers):
+            return False
+        logger = logger.parent if logger.propagate else None
+    return True

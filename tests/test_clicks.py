@@ -185,6 +185,25 @@ def test_enforce_cuts_negative_clicks_and_keeps_positive_ones(photo):
     assert 0 < (edited & ~frame).sum() <= np.pi * 3 ** 2  # the missed positive click gets a small disk
 
 
+def test_a_negative_click_just_past_the_edge_still_clears_its_spot():
+    """The editor's click lands a pixel or two from where the annotator aimed: a negative click just outside the mask
+    takes the mask's pixels around it (within the enforce radius, nearer to it than to the positive click)."""
+    from trainer.types import Mask
+
+    frame = np.zeros((200, 300), dtype=bool)
+    frame[50:150, 50:250] = True
+    mask = Mask(frame[50:150, 50:250].copy(), 50, 50, (200, 300), score=0.9)
+    clicks = (Point(100, 100), Point(251.5, 100, False))  # 1.5 px right of the mask's last column
+    edited = enforce(mask, clicks).full()
+    radius = max(2.0, 0.01 * 300)
+    yy, xx = np.mgrid[:200, :300] + 0.5
+    near = (xx - 251.5) ** 2 + (yy - 100) ** 2 <= radius ** 2
+    assert not (edited & near).any() and (frame & near).any()
+    assert np.array_equal(edited, frame & ~near)  # nothing else changes
+    far = (Point(100, 100), Point(260, 100, False))  # farther than the radius: the mask is left alone
+    assert np.array_equal(enforce(mask, far).full(), frame)
+
+
 # -- models that take clicks: segment-anything's interactive loop, reproduced with the same random weights -------
 @pytest.fixture(scope="module")
 def clicky() -> Segmenter:

@@ -4,6 +4,7 @@ Also: kill -9 of the training process mid-run leaves a consistent state and the 
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -45,7 +46,11 @@ def backend(label_studio, tmp_path_factory):
     env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
            "MODEL_DIR": str(root / "models"), "WORKERS": "2", "THREADS": "4", "MIN_ANNOTATIONS": str(len(TRAIN_IMAGES)),
            "TRAIN_DEBOUNCE_S": "2", "TRAIN_EPOCHS": "2", "TRAIN_OBJECTS_PER_IMAGE": "4",
-           "PRELABEL_ON_PROMOTE": "true"}
+           "PRELABEL_ON_PROMOTE": "true",
+           # the operator's override: a job this small (a 4-5 image gate) gains +0.06-0.12 on its gate but cannot
+           # show it above the gate's noise (small_projects.json); the evidence rule has its own tests
+           # (test_evidence.py), this one follows the loop to a served version and checks it on held-out tasks
+           "PROMOTION_MARGIN": "-1"}
     with start_backend(env, root / "gunicorn.log") as url:
         yield url, root / "models"
 
@@ -91,7 +96,7 @@ def test_webhooks_train_promote_and_serve_better_masks(label_studio, ls_project,
                     600, "the annotation-triggered job", interval=2)
     assert done["state"] == "succeeded", done
     result = done["result"]
-    assert result["promoted"], result
+    assert result["promoted"], json.dumps(result)
     version = result["version"]
     listed = label_studio.get(f"/api/ml/{ml_id}/versions")  # Label Studio's model-version list asks GET /versions
     assert "message" not in listed and f"{setup['model_version'].split('@')[0]}@{version}" in listed["versions"]

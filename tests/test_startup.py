@@ -18,31 +18,23 @@ from pathlib import Path
 import pytest
 
 from tests.gunicorn_starts import fresh_start
-from trainer.jobs import JobStore, TriggerPolicy
+from tests.store_race import open_store
+from trainer.jobs import JobStore
 from trainer.jobs_schema import SCHEMA_VERSION, schema_version
 
 PROCESSES = 8
 ROUNDS = 15
 
 
-def _open_store(path: str, start_at: float, results) -> None:
-    while time.time() < start_at:  # released together: the race the issue saw with WORKERS >= 2
-        pass
-    try:
-        JobStore(path).record_event("1", "ANNOTATION_CREATED", 1, TriggerPolicy(10, 30))
-        results.put("ok")
-    except Exception as exc:  # reported, not raised: the test names every failure
-        results.put(f"{type(exc).__name__}: {exc}")
-
-
 def test_many_processes_open_a_new_store_at_once(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("fork")
+    # forkserver: a fork of the multi-threaded pytest process can hang on a lock another thread held at the fork
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tests.store_race"])  # each child starts in milliseconds
     failures: dict[str, int] = {}
     for round_ in range(ROUNDS):
         path = tmp_path / f"round-{round_}" / "jobs.sqlite"
-        results = context.Queue()
-        start_at = time.time() + 0.3
-        processes = [context.Process(target=_open_store, args=(str(path), start_at, results))
+        results, barrier = context.Queue(), context.Barrier(PROCESSES)
+        processes = [context.Process(target=open_store, args=(str(path), barrier, results))
                      for _ in range(PROCESSES)]
         for process in processes:
             process.start()

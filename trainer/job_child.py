@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .data import Dataset
-from .finetune import FineTuneConfig, train_and_register
 from .job_rules import Job
-from .registry import Registry
-from .runtime import Segmenter
+
+if TYPE_CHECKING:  # the job store and runners import this module without torch: only run_job needs the model
+    from .data import Dataset
+    from .finetune import FineTuneConfig
+    from .runtime import Segmenter
 
 
 class JobRecords(Protocol):
@@ -60,6 +61,9 @@ def run_job(store: JobRecords, job_id: int, segmenter: Segmenter, dataset: Datas
     if job is None or job.state != "running":
         raise RuntimeError(f"job {job_id} is not running")
     try:
+        from .finetune import train_and_register
+        from .registry import Registry
+
         registry = Registry(model_dir, job.project, keep_last=keep_last)
         report = train_and_register(segmenter, dataset, registry, model_dir, config, progress=False)
     except Exception as exc:

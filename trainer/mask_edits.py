@@ -116,11 +116,31 @@ def _disks(mask: Mask, points: tuple[Point, ...], radius: float) -> Mask:
     return mask
 
 
+def _clear_around(mask: Mask, points: tuple[Point, ...], radius: float) -> Mask:
+    """The mask without the pixels within `radius` of a negative click that lie nearer to it than to any positive
+    click: a negative click the mask's edge barely misses still takes its spot out (the editor's click lands a pixel
+    or two from where the annotator aimed)."""
+    if mask.area == 0 or all(p.positive for p in points):
+        return mask
+    ys, xs = np.nonzero(mask.crop)
+    xs, ys = xs + mask.x0, ys + mask.y0
+    near = np.zeros(xs.shape, dtype=bool)
+    for p in points:
+        if not p.positive:
+            near |= (xs + 0.5 - p.x) ** 2 + (ys + 0.5 - p.y) ** 2 <= radius ** 2
+    drop = near & _nearest_is_negative(xs, ys, points)
+    if not drop.any():
+        return mask
+    crop = mask.crop.copy()
+    crop[ys[drop] - mask.y0, xs[drop] - mask.x0] = False
+    return dataclasses.replace(mask, crop=crop)
+
+
 def enforce(mask: Mask, points: tuple[Point, ...]) -> Mask:
-    """The mask made to agree with every click: negative clicks cut (`_cut`), missed positive ones get a small disk
-    (a hundredth of the image's longest side, at least 2 px)."""
+    """The mask made to agree with every click: negative clicks cut (`cut`) and clear their surroundings, missed
+    positive ones get a small disk (both: a hundredth of the image's longest side, at least 2 px)."""
     radius = max(2.0, 0.01 * max(mask.image_size))
-    return _disks(cut(mask, points), points, radius)
+    return _disks(_clear_around(cut(mask, points), points, radius), points, radius)
 
 
 def bounding_box(mask: Mask, points: tuple[Point, ...] = (), pad: float = 0.0, label: str | None = None) -> Box:
