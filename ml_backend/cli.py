@@ -184,15 +184,17 @@ def _project_lock(args: argparse.Namespace, what: str) -> Iterator[None]:
     the project, saying so on stderr, or raise ProjectBusy with --no-wait. Other projects' jobs do not block."""
     from trainer.jobs import describe_busy
 
-    from .training import command_lock, job_store
+    from .training import jobs
+
+    runner = jobs(args.settings)
 
     def busy() -> str:
-        return describe_busy(job_store(args.settings), args.settings.model_dir, args.project)
+        return describe_busy(runner.store, args.settings.model_dir, args.project)
 
     def waiting() -> None:
         print(f"{busy()}; waiting for it to end (--no-wait: refuse instead)", file=sys.stderr, flush=True)
 
-    with command_lock(args.settings, args.project, what, 0 if args.no_wait else float("inf"), waiting) as held:
+    with runner.lock(args.project, what, 0 if args.no_wait else float("inf"), waiting) as held:
         if not held:
             raise ProjectBusy(f"{busy()}; not training (retry later, or without --no-wait to wait for it)")
         yield
@@ -345,9 +347,9 @@ def _jobs(args: argparse.Namespace) -> int:
 
     from . import training
 
-    store = training.job_store(args.settings)
-    if training.uses_redis(args.settings):
-        training.redis_runner(args.settings).reap()
+    runner = training.jobs(args.settings)
+    store = runner.store
+    runner.reap()
     rows = [job.as_dict() for job in store.jobs(args.project, limit=max(1, args.limit))]
     for row in rows:
         row["progress"] = store.progress(row["id"]) if row["state"] == "running" else None

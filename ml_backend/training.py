@@ -41,15 +41,96 @@ RQ_JOB_TIMEOUT_S = 6 * 3600
 EXIT_BUSY = 3  # the command line refused (--no-wait): the project's lock is held
 
 
-def uses_redis(settings: Settings) -> bool:
-    return settings.runner == "rq" and bool(settings.redis_url)
+class LocalJobs:
+    """Job records in SQLite under MODEL_DIR, run by a dispatcher that polls them: a thread of each backend worker
+    (TRAINING_RUNNER=embedded) or `python -m ml_backend worker`; the project's lock is a flock under MODEL_DIR."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store: JobStore | RedisJobStore = JobStore(settings.model_dir / "jobs.sqlite")
+
+    def start(self) -> None:
+        """The backend process's part: the embedded runner's dispatcher thread."""
+        if self.settings.runner == "embedded":
+            dispatcher(self.settings).start_thread()
+
+    def wake(self, job_id: int) -> None:
+        """A job is due or queued: the dispatcher finds it when it next polls the store."""
+
+    def reap(self) -> None:
+        """Dead runners' jobs: the dispatcher recovers them itself (their flocks died with them)."""
+
+    def workers(self) -> list[dict] | None:
+        """Every running job across hosts (None: one host, the store's own rows say it)."""
+        return None
+
+    @contextlib.contextmanager
+    def lock(self, project: str, what: str, wait_s: float, on_busy: Callable[[], None]) -> Iterator[bool]:
+        """The project's lock for a command-line run (the one its jobs hold), waiting up to `wait_s` (calling
+        `on_busy` once); yields whether it is held."""
+        with project_lock(self.settings.model_dir, project, wait_s=wait_s, on_busy=on_busy) as fd:
+            if fd is not None:
+                write_holder(fd, what=what)
+            yield fd is not None
+
+
+class RqJobs(LocalJobs):
+    """Job records and the projects' locks in Redis (REDIS_URL), run by RQ workers on any host: a job is woken by
+    an RQ task, a dead host's job is failed (and retried once) when its lock expires."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = _redis_store(settings.redis_url)
+
+    def start(self) -> None:
+        threading.Thread(target=self._reap_forever, name="training-reaper", daemon=True).start()
+
+    def _reap_forever(self) -> None:
+        """Every half lock-lifetime, so a dead host's job is failed and retried even when all is idle."""
+        period = max(1.0, self.settings.training_lock_ttl_s / 2)
+        while True:
+            time.sleep(period)
+            try:
+                self.reap()
+            except Exception as exc:  # Redis away for a moment: the next round tries again
+                log.warning("reaping failed", extra={"error": str(exc)})
+
+    def wake(self, job_id: int) -> None:
+        """Tell RQ when the job is due: once per job and due time (a marker in Redis), as the RQ task hands a job
+        that is not yet due back for later itself."""
+        job = self.store.job(job_id)
+        delay = max(0.0, job.not_before - time.time())
+        if self.store.first_wake(job_id, delay + 120):
+            rq_wake(self.settings, job_id, delay)
+
+    def reap(self) -> None:
+        redis_runner(self.settings).reap()
+
+    def workers(self) -> list[dict] | None:
+        return self.store.workers()
+
+    @contextlib.contextmanager
+    def lock(self, project: str, what: str, wait_s: float, on_busy: Callable[[], None]) -> Iterator[bool]:
+        lock = ProjectLock(self.store.redis, project, self.settings.training_lock_ttl_s)  # renewed while held
+        held = lock.acquire()
+        if not held and wait_s > 0:
+            on_busy()
+            held = lock.acquire(wait_s)
+        try:
+            yield held
+        finally:
+            if held:
+                lock.release()
+
+
+def jobs(settings: Settings) -> LocalJobs:
+    """The one place that chooses where jobs live and who runs them: RQ with REDIS_URL (several hosts), else
+    SQLite under MODEL_DIR."""
+    return RqJobs(settings) if settings.runner == "rq" and settings.redis_url else LocalJobs(settings)
 
 
 def job_store(settings: Settings) -> JobStore | RedisJobStore:
-    """Where job records live: Redis with the RQ runner (several hosts), else SQLite under MODEL_DIR."""
-    if uses_redis(settings):
-        return _redis_store(settings.redis_url)
-    return JobStore(settings.model_dir / "jobs.sqlite")
+    return jobs(settings).store
 
 
 @functools.lru_cache(maxsize=4)
@@ -94,23 +175,10 @@ class Training:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = job_store(settings)
+        self.jobs = jobs(settings)
+        self.store = self.jobs.store
         self.policy = TriggerPolicy(settings.min_annotations, settings.train_debounce_s)
-        self._dispatcher = dispatcher(settings) if settings.runner == "embedded" else None
-        if self._dispatcher:
-            self._dispatcher.start_thread()
-        if isinstance(self.store, RedisJobStore):  # a dead host's job is failed and retried even when all is idle
-            threading.Thread(target=self._reap_forever, name="training-reaper", daemon=True).start()
-
-    def _reap_forever(self) -> None:
-        """Every half lock-lifetime: fail (and retry once) the running jobs whose project lock has expired."""
-        period = max(1.0, self.settings.training_lock_ttl_s / 2)
-        while True:
-            time.sleep(period)
-            try:
-                redis_runner(self.settings).reap()
-            except Exception as exc:  # Redis away for a moment: the next round tries again
-                log.warning("reaping failed", extra={"error": str(exc)})
+        self.jobs.start()
 
     def record(self, project: str, action: str, annotations: int, key: str | None = None,
                explicit: bool = False) -> tuple[int | None, int | None]:
@@ -119,13 +187,13 @@ class Training:
         event_id, job_id = self.store.record_event(project, action, annotations, self.policy, key=key,
                                                    explicit=explicit)
         if job_id is not None:
-            self._wake(job_id)
+            self.jobs.wake(job_id)
         return event_id, job_id
 
     def prelabel(self, project: str) -> tuple[int, bool]:
         """Queue a pre-labelling job for the project (joins a queued one); returns (job id, new)."""
         job_id, new = self.store.enqueue(project, PRELABEL, "PRELABEL")
-        self._wake(job_id)
+        self.jobs.wake(job_id)
         return job_id, new
 
     def model_versions(self, segmenter, project: str | None = None) -> list[str]:
@@ -142,23 +210,15 @@ class Training:
                 continue
         return list(dict.fromkeys([segmenter.model_version(BASE_VERSION), *kept]))
 
-    def _wake(self, job_id: int) -> None:
-        """Tell RQ when the job is due (the embedded and worker runners poll the store): once per job and due
-        time (a marker in Redis), as the RQ task hands a job that is not yet due back for later itself."""
-        if isinstance(self.store, RedisJobStore):
-            job = self.store.job(job_id)
-            delay = max(0.0, job.not_before - time.time())
-            if self.store.first_wake(job_id, delay + 120):
-                rq_wake(self.settings, job_id, delay)
-
     def status(self, project: str) -> dict:
         registry = Registry(self.settings.model_dir, project)
         versions = [v.summary() for v in registry.versions()]
         status = {"project": project, "runner": self.settings.runner,
                   "active_version": registry.active() or BASE_VERSION, "versions": versions}
-        if isinstance(self.store, RedisJobStore):
-            redis_runner(self.settings).reap()  # a status read also fails (and retries) a dead worker's job
-            status["workers"] = self.store.workers()  # every running job, across hosts
+        self.jobs.reap()  # a status read also fails (and retries) a dead worker's job
+        workers = self.jobs.workers()
+        if workers is not None:
+            status["workers"] = workers  # every running job, across hosts
         return {**status, **self.store.status(project)}
 
 
@@ -173,7 +233,8 @@ def run_one_job(settings: Settings, job_id: int, segmenter) -> int:
     """The child process's body (the edge's job entry): load the project's data through Label Studio, have the
     core fine-tune, gate and record it (trainer.jobs.run_job), then follow the served version in Label Studio
     (or pre-label the project); exit code 0 or 1."""
-    store = job_store(settings)
+    runner = jobs(settings)
+    store = runner.store
     job = store.job(job_id)
     if job is not None and job.kind == PRELABEL:
         return run_prelabel_job(settings, store, job_id, segmenter)
@@ -200,8 +261,7 @@ def run_one_job(settings: Settings, job_id: int, segmenter) -> int:
         log.info("label studio model version", extra={"job": job_id, "project": job.project, "outcome": outcome})
     if result.get("promoted") and settings.prelabel_on_promote:
         prelabel_id, _ = store.enqueue(job.project, PRELABEL, "PROMOTED")
-        if uses_redis(settings):
-            rq_wake(settings, prelabel_id)
+        runner.wake(prelabel_id)
         log.info("prelabel queued after promotion", extra={"job": prelabel_id, "project": job.project})
     return 0
 
@@ -223,38 +283,15 @@ def run_prelabel_job(settings: Settings, store: JobStore, job_id: int, segmenter
     return 0
 
 
-@contextlib.contextmanager
-def command_lock(settings: Settings, project: str, what: str, wait_s: float,
-                 on_busy: Callable[[], None]) -> Iterator[bool]:
-    """The project's lock for a command-line run (the one its jobs hold): with REDIS_URL the Redis lock, renewed
-    while held, else the flock under MODEL_DIR. Waits up to `wait_s` (calling `on_busy` once); yields whether
-    it is held."""
-    if uses_redis(settings):
-        lock = ProjectLock(job_store(settings).redis, project, settings.training_lock_ttl_s)
-        held = lock.acquire()
-        if not held and wait_s > 0:
-            on_busy()
-            held = lock.acquire(wait_s)
-        try:
-            yield held
-        finally:
-            if held:
-                lock.release()
-        return
-    with project_lock(settings.model_dir, project, wait_s=wait_s, on_busy=on_busy) as fd:
-        if fd is not None:
-            write_holder(fd, what=what)
-        yield fd is not None
-
-
 def prelabel_now(settings: Settings, project: str, segmenter, wait_s: float = 6 * 3600) -> tuple[int | None, int]:
     """The command line's pre-labelling: take the project's lock (waiting up to `wait_s`, with a message on
     stderr; 0: refuse at once), then queue (or join) the project's pre-labelling job and run it here (tqdm bar);
     returns (job id, exit code), (None, EXIT_BUSY) when the project stayed busy."""
-    store = job_store(settings)
+    runner = jobs(settings)
+    store = runner.store
     busy = lambda: print(f"{describe_busy(store, settings.model_dir, project)}; waiting for it to end",  # noqa: E731
                          file=sys.stderr, flush=True)
-    with command_lock(settings, project, "python -m ml_backend prelabel", wait_s, busy) as held:
+    with runner.lock(project, "python -m ml_backend prelabel", wait_s, busy) as held:
         if not held:
             print(f"error: {describe_busy(store, settings.model_dir, project)}; not pre-labelling "
                   f"(retry later{'' if wait_s else ' or without --no-wait'})", file=sys.stderr)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from typing import Iterator
 import requests
 
 from tests.label_studio import free_port
+from tests.services import stop_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "ml_backend/gunicorn_conf.py", "ml_backend.wsgi:app"]
@@ -42,9 +42,4 @@ def start_backend(env: dict[str, str], log_path: Path, timeout: float = 120) -> 
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        stop_group(process)

@@ -59,3 +59,33 @@ def redis_server(folder: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM to a process started with start_new_session (and so to its children), SIGKILL after `grace_s`."""
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+@contextlib.contextmanager
+def rq_worker(redis_url: str, env: dict[str, str], log_path: Path, cwd: Path) -> Iterator[subprocess.Popen]:
+    """A real `rq worker training --with-scheduler` (the README's command) in its own process group, stopped with
+    its job's child when the block ends."""
+    import sys
+
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "training", "--url", redis_url,
+                                   "--with-scheduler"], cwd=cwd, env=env, start_new_session=True, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        yield worker
+    finally:
+        stop_group(worker)

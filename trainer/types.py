@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .quality import MaskQuality
+
+if TYPE_CHECKING:
+    from .frame import Frame
 
 
 @dataclass(frozen=True)
@@ -74,12 +78,17 @@ class Embedding:
             return self
         return Embedding(self.features.to(device), self.original_size, self.resized_size, self.input_size)
 
-    # The one mapping between original pixels and the model's input frame (and its feature grid).
+    # The mapping between original pixels and the model's input frame is trainer.frame's (the one module for it).
+    @property
+    def frame(self) -> "Frame":
+        from .frame import Frame  # frame.py builds on this module's Box and Point
+
+        return Frame(self.original_size, self.resized_size, self.input_size, int(self.features.shape[-1]))
+
     @property
     def input_scale(self) -> tuple[float, float]:
         """Model-input pixels per original pixel, (y, x)."""
-        (height, width), (new_h, new_w) = self.original_size, self.resized_size
-        return new_h / height, new_w / width
+        return self.frame.input_scale
 
     @property
     def grid_per_input(self) -> float:
@@ -88,13 +97,11 @@ class Embedding:
 
     def box_to_input(self, box: Box) -> list[float]:
         """A box in original pixels -> [x0, y0, x1, y1] in the model's input frame."""
-        sy, sx = self.input_scale
-        return [box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy]
+        return self.frame.box_to_input(box)
 
     def point_to_input(self, point: Point) -> list[float]:
         """A click in original pixels -> [x, y] in the model's input frame."""
-        sy, sx = self.input_scale
-        return [point.x * sx, point.y * sy]
+        return self.frame.point_to_input(point)
 
 
 @dataclass
