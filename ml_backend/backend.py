@@ -30,6 +30,7 @@ from .fetch import ImageError, ImageFetcher, image_source
 from .label_studio import ConnectError, ProjectClient
 from .protocol import ImageRef, PredictRequest, PredictTask, ProtocolError, TaskAnswer
 from .netpolicy import parse_allowed_hosts
+from .host_calls import HostLiveCalls
 from .prewarm import ImageJob, Prewarmer
 from .settings import Settings
 
@@ -86,7 +87,8 @@ class SamBackend:
                 else None)
         self.cache = EmbeddingCache(settings.cache_mb, disk)
         self.clicks = ClickMemory()  # the editor's earlier click steps: one step per interactive call
-        self.prewarmer = Prewarmer(self.segmenter, self.cache, settings.prewarm_queue, settings.encoder_batch_size)
+        self.prewarmer = Prewarmer(self.segmenter, self.cache, settings.prewarm_queue, settings.encoder_batch_size,
+                                   HostLiveCalls.for_model_dir(settings.model_dir))
         self.compute = ComputePool(settings.predict_concurrency)
         self._new_image_s = 0.0  # moving average of a new image's encode + decodes
         self.decoders = ActiveDecoders(settings.model_dir, self.segmenter)
@@ -154,6 +156,11 @@ class SamBackend:
             answers[index] = TaskAnswer(protocol.DEFERRED)
         if late and self.settings.prewarm:
             self.prewarmer.submit(self._image_jobs(loader, [tasks[i].image for i in late if tasks[i].image]))
+        opened = [task.image for index, task in enumerate(tasks) if index not in need_image and task.image]
+        if len(tasks) == 1 and opened and self.settings.prewarm:
+            # one task without prompts: Label Studio asks when a task is opened; its image goes first, so that
+            # the annotator's first box or click finds it embedded
+            self.prewarmer.submit(self._image_jobs(loader, opened), first=True)
         return Predictions(tuple(answers), version, deferred=len(late))
 
     def _images(self, loader: ImageFetcher, tasks: tuple[PredictTask, ...], indices: list[int],

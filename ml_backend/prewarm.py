@@ -1,5 +1,6 @@
 """Embedding images before anyone waits for them: tasks a /predict call deferred, tasks just imported, a
-whole project when it is connected. One low-priority thread per backend process; it yields to live calls."""
+whole project when it is connected. One low-priority thread per backend process; it yields to live calls, its own
+process's and (through `HostLiveCalls`) every other backend process's on the host."""
 from __future__ import annotations
 
 import logging
@@ -16,9 +17,11 @@ from trainer.cache import EmbeddingCache, image_key
 from trainer.runtime import Segmenter
 
 from .fetch import ImageError, ImageFetcher
+from .host_calls import HostLiveCalls
 
 log = logging.getLogger("ml_backend.prewarm")
 NICENESS = 15  # the thread's (and its torch workers') scheduling priority: live calls come first
+POLL_S = 0.05  # how often a held-back pre-warm looks at the other processes' live calls
 
 
 class _Stopping(BaseException):
@@ -40,17 +43,20 @@ class Prewarmer:
     """A bounded, deduplicated queue of images and the thread that embeds them into the cache (to disk when
     the cache has one, so every worker and training share them; memory stays for live calls).
 
-    The thread runs at low scheduling priority and yields to live calls of this process (those inside
-    `live()`): it starts an image only while none runs, and an encode already running pauses at the next
-    encoder block (a forward pre-hook on every block) until they are done, unless a live call waits for that
-    very image (the cache is single-flight: it then finishes it for them).
+    The thread runs at low scheduling priority and yields to live calls (those inside `live()` of this process,
+    and with `host` those of every backend process of the host): it starts an image only while none runs, and
+    an encode already running pauses at the next encoder block (a forward pre-hook on every block) until they
+    are done, unless a live call of this process waits for that very image (the cache is single-flight: it then
+    finishes it for them).
     """
 
-    def __init__(self, segmenter: Segmenter, cache: EmbeddingCache, max_queue: int, batch: int = 1) -> None:
+    def __init__(self, segmenter: Segmenter, cache: EmbeddingCache, max_queue: int, batch: int = 1,
+                 host: HostLiveCalls | None = None) -> None:
         self.segmenter = segmenter
         self.cache = cache
         self.max_queue = max_queue
         self.batch = max(1, batch)  # images per encoder forward (more than 1 pays on a GPU)
+        self.host = host
         self.counts: Counter[str] = Counter()
         self._queue: deque[ImageJob] = deque()
         self._pending: set[tuple[int, str]] = set()
@@ -72,35 +78,56 @@ class Prewarmer:
         if self._stopping:
             raise _Stopping()
         with self._cond:
-            while self._live and not self._stopping and not any(self.cache.waited_for(k) for k in self._current_keys):
-                self._cond.wait(0.05)
+            while (self._held_back() and not self._stopping
+                   and not any(self.cache.waited_for(k) for k in self._current_keys)):
+                self._cond.wait(POLL_S)
 
-    def submit(self, jobs: Iterable[ImageJob]) -> int:
-        """Queue images not already queued; returns how many were accepted (the rest: queued or queue full)."""
+    def _held_back(self) -> bool:
+        """A live call runs: in this process, or in another backend process of the host."""
+        return bool(self._live) or (self.host is not None and self.host.others_live())
+
+    def submit(self, jobs: Iterable[ImageJob], first: bool = False) -> int:
+        """Queue images not already queued; returns how many were accepted (the rest: queued or queue full).
+        first: the images someone is about to need (a task just opened in the editor) go to the front of the
+        queue, moved there when already queued."""
         accepted = 0
+        jobs = list(jobs)
         with self._cond:
-            for job in jobs:
+            for job in reversed(jobs) if first else jobs:
                 ident = (id(job.loader), job.url)
                 if ident in self._pending:
+                    if first:
+                        self._move_to_front(ident)
                     continue
-                if len(self._queue) >= self.max_queue:
+                if len(self._queue) >= self.max_queue and not first:
                     self.counts["dropped"] += 1
                     continue
                 self._pending.add(ident)
-                self._queue.append(job)
+                self._queue.appendleft(job) if first else self._queue.append(job)
                 accepted += 1
-            if accepted:
+            if accepted or first:
                 self._start()
                 self._cond.notify_all()
         return accepted
 
+    def _move_to_front(self, ident: tuple[int, str]) -> None:
+        for index, queued in enumerate(self._queue):
+            if (id(queued.loader), queued.url) == ident:
+                del self._queue[index]
+                self._queue.appendleft(queued)
+                return
+
     @contextmanager
     def live(self) -> Iterator[None]:
-        """Wrap a live call: no new image is started while one runs."""
+        """Wrap a live call: no new image is started while one runs (in any backend process of the host)."""
         with self._cond:
             self._live += 1
         try:
-            yield
+            if self.host is not None:
+                with self.host.mark():
+                    yield
+            else:
+                yield
         finally:
             with self._cond:
                 self._live -= 1
@@ -147,8 +174,8 @@ class Prewarmer:
             pass
         while True:
             with self._cond:
-                while (not self._queue or self._live) and not self._stopping:
-                    self._cond.wait()
+                while (not self._queue or self._held_back()) and not self._stopping:
+                    self._cond.wait(POLL_S if self._queue else None)
                 if self._stopping:
                     return
                 jobs = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]

@@ -89,3 +89,25 @@ def rq_worker(redis_url: str, env: dict[str, str], log_path: Path, cwd: Path) ->
         yield worker
     finally:
         stop_group(worker)
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from ml_backend.host_calls import HostLiveCalls
+with HostLiveCalls.for_model_dir(Path(sys.argv[1])).mark():
+    print("live", flush=True)
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.02)
+"""
+
+
+def hold_a_live_call(model_dir: Path, release: Path) -> subprocess.Popen:
+    """Another backend process of the host in the middle of a live call (ml_backend/host_calls.py), until `release`
+    exists."""
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(model_dir), str(release)],
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "live"
+    return process

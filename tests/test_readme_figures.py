@@ -1,7 +1,7 @@
-"""Every decimal figure README.md quotes comes from a committed benchmark result: a section that names
-`benchmarks/results/<name>.json` quotes values of those results (at the precision shown, or as a percentage);
-the few figures measured elsewhere (by hand, or by a test) are listed here with where they come from. A figure
-whose result moved, or that never had one, fails this test."""
+"""Numbers that describe the code: every decimal figure README.md quotes comes from a committed benchmark result
+(a section that names `benchmarks/results/<name>.json` quotes values of those results, at the precision shown or
+as a percentage; the few figures measured elsewhere, by hand or by a test, are listed here with where they come
+from), and `benchmarks/run_all.sh` re-runs every benchmark."""
 from __future__ import annotations
 
 import json
@@ -79,3 +79,11 @@ def test_every_readme_figure_comes_from_the_results_its_section_names() -> None:
 def test_the_figures_measured_elsewhere_are_still_quoted() -> None:
     quoted = {figure for _, section in sections() for figure in FIGURE.findall(section)}
     assert not set(MEASURED_ELSEWHERE) - quoted, "drop what the README no longer quotes from MEASURED_ELSEWHERE"
+
+
+def test_run_all_runs_every_benchmark() -> None:
+    """`benchmarks/run_all.sh` re-runs every benchmark script (the ones with a __main__)."""
+    script = (REPO / "benchmarks" / "run_all.sh").read_text()
+    listed = set(re.findall(r"\b([a-z_]+)\b", script[script.index("ALL=("):]))
+    scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py") if "__main__" in p.read_text()}
+    assert scripts and scripts <= listed, f"not in run_all.sh: {sorted(scripts - listed)}"

@@ -21,6 +21,7 @@ from ml_backend.settings import Settings
 from tests import dataset
 from tests.image_server import serve_files
 from tests.label_studio import rect_result
+from tests.services import hold_a_live_call
 from trainer.cache import DiskEmbeddings
 from trainer.types import Embedding
 
@@ -154,6 +155,45 @@ def test_prewarm_yields_to_live_calls_and_tasks_created_queues_new_images(images
             time.sleep(4.0)  # three encodes' time
             assert backend.prewarmer.counts["embedded"] == 3 and backend.prewarmer.status()["running"]
         assert backend.prewarmer.wait_idle(60) and backend.prewarmer.counts["embedded"] == 4
+
+
+def test_prewarm_yields_to_a_live_call_of_another_backend_process(images, tmp_path):
+    """Each gunicorn worker has its own pre-warm thread: it holds back while any backend process of the host
+    serves a live call, and goes on once that call ends."""
+    with serve_files(images, TOKEN) as url:
+        backend, _ = make_backend(url, tmp_path / "models")
+        other = hold_a_live_call(tmp_path / "models", tmp_path / "release")
+        try:
+            backend.prewarm_tasks("7", image_refs([{"id": 70, "data": {"image": sorted(images)[4]}}],
+                                                  backend_config(CONFIG)))
+            time.sleep(1.5)  # an encode's time: not even started
+            status = backend.prewarmer.status()
+            assert status["queued"] == 1 and not status["running"] and not backend.prewarmer.counts["embedded"]
+            (tmp_path / "release").touch()
+            assert other.wait(20) == 0
+            assert backend.prewarmer.wait_idle(60) and backend.prewarmer.counts["embedded"] == 1
+        finally:
+            other.kill()
+
+
+def test_a_task_opened_in_the_editor_goes_first_in_the_prewarm_queue(images, tmp_path):
+    """Label Studio asks /predict for a task when it is opened; one without boxes gets nothing to store, and its
+    image jumps the pre-warm queue (ahead of a project's backlog), so the annotator's first box or click finds it
+    embedded."""
+    paths = sorted(images)
+    with serve_files(images, TOKEN) as url:
+        backend, client = make_backend(url, tmp_path / "models")
+        with backend.prewarmer.live():  # the backlog waits behind a live call
+            backlog = [{"id": 80 + i, "data": {"image": p}} for i, p in enumerate(paths[5:8])]
+            assert backend.prewarm_tasks("7", image_refs(backlog, backend_config(CONFIG))) == 3
+            results, _ = predict(client, [box_task(90, paths[8], with_box=False)])  # the task just opened
+            assert "result" not in results[0]  # nothing stored: asked again once it has boxes
+            assert [job.task_id for job in backend.prewarmer._queue] == [90, 80, 81, 82]
+            predict(client, [box_task(81, paths[6], with_box=False)])  # opened again: moved, not queued twice
+            assert [job.task_id for job in backend.prewarmer._queue] == [81, 90, 80, 82]
+            predict(client, [box_task(i, paths[i - 80], with_box=False) for i in (83, 84)])  # a batch: not opened
+            assert [job.task_id for job in backend.prewarmer._queue] == [81, 90, 80, 82]
+        assert backend.prewarmer.wait_idle(120) and backend.prewarmer.counts["embedded"] == 4
 
 
 def fake_embedding(fill: float) -> Embedding:
