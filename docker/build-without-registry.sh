@@ -34,10 +34,11 @@ copy_pip_ca() {
   fi
 }
 
-debian_mirror() {
-  { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
-    grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | sed -E 's/^deb +(\[[^]]*\] +)?//' | awk '{print $1}'
-  } | grep -E '/debian/?$' | head -n1
+debian_mirror() {  # prints nothing (and succeeds) when apt names none: either sources file may be missing
+  { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' || true
+    grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+      | sed -E 's/^deb +(\[[^]]*\] +)?//' | awk '{print $1}' || true
+  } | { grep -E '/debian/?$' || true; } | head -n1
 }
 
 copy_pip_ca
