@@ -156,11 +156,10 @@ class SamBackend:
             answers[index] = TaskAnswer(protocol.DEFERRED)
         if late and self.settings.prewarm:
             self.prewarmer.submit(self._image_jobs(loader, [tasks[i].image for i in late if tasks[i].image]))
-        opened = [task.image for index, task in enumerate(tasks) if index not in need_image and task.image]
-        if len(tasks) == 1 and opened and self.settings.prewarm:
+        if len(tasks) == 1 and not need_image and tasks[0].image and self.settings.prewarm:
             # one task without prompts: Label Studio asks when a task is opened; its image goes first, so that
             # the annotator's first box or click finds it embedded
-            self.prewarmer.submit(self._image_jobs(loader, opened), first=True)
+            self.prewarmer.submit(self._image_jobs(loader, [tasks[0].image]), first=True)
         return Predictions(tuple(answers), version, deferred=len(late))
 
     def _images(self, loader: ImageFetcher, tasks: tuple[PredictTask, ...], indices: list[int],

@@ -103,9 +103,12 @@ class Prewarmer:
                     self.counts["dropped"] += 1
                     continue
                 self._pending.add(ident)
-                self._queue.appendleft(job) if first else self._queue.append(job)
+                if first:
+                    self._queue.appendleft(job)
+                else:
+                    self._queue.append(job)
                 accepted += 1
-            if accepted or first:
+            if accepted or first:  # first: a job moved to the front may be waiting for the thread too
                 self._start()
                 self._cond.notify_all()
         return accepted

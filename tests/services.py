@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -63,9 +66,6 @@ def redis_server(folder: Path) -> Iterator[str]:
 
 def stop_group(process: subprocess.Popen, grace_s: float = 20) -> None:
     """SIGTERM to a process started with start_new_session (and so to its children), SIGKILL after `grace_s`."""
-    import os
-    import signal
-
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -79,8 +79,6 @@ def stop_group(process: subprocess.Popen, grace_s: float = 20) -> None:
 def rq_worker(redis_url: str, env: dict[str, str], log_path: Path, cwd: Path) -> Iterator[subprocess.Popen]:
     """A real `rq worker training --with-scheduler` (the README's command) in its own process group, stopped with
     its job's child when the block ends."""
-    import sys
-
     with open(log_path, "wb") as log:
         worker = subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "training", "--url", redis_url,
                                    "--with-scheduler"], cwd=cwd, env=env, start_new_session=True, stdout=log,
@@ -105,8 +103,6 @@ with HostLiveCalls.for_model_dir(Path(sys.argv[1])).mark():
 def hold_a_live_call(model_dir: Path, release: Path) -> subprocess.Popen:
     """Another backend process of the host in the middle of a live call (ml_backend/host_calls.py), until `release`
     exists."""
-    import sys
-
     process = subprocess.Popen([sys.executable, "-c", HOLD, str(model_dir), str(release)],
                                cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "live"
