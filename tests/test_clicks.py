@@ -21,6 +21,7 @@ from trainer.click_eval import interior_point
 from trainer.clicks import ClickMemory, PromptEncoderClicks, covers, enforce
 from trainer.data import load_coco
 from trainer.models import LoadedModel, build_network
+from trainer.quality import click_expected_iou, expected_iou
 from trainer.runtime import Segmenter
 from trainer.types import Embedding, Point, Prompts
 
@@ -167,6 +168,21 @@ def test_remembered_steps_give_the_same_masks_as_a_replay(segmenter, photo):
         replayed = segmenter.decode(embedding, Prompts(points=clicks[:k]))[0]
         assert np.array_equal(remembered.full(), replayed.full())
         assert all(covers(remembered, p) == p.positive for p in clicks[:k])
+
+
+def test_click_only_masks_are_scored_by_their_own_signals(segmenter, photo):
+    """A click-only mask's score weighs how well its own box reproduces it and how many clicks made it (issue 27);
+    a box refined by a click keeps the box-style score."""
+    image, sample = photo
+    embedding = segmenter.embed(image.load_image())
+    first = Point(*interior_point(sample.mask)[:2])
+    clicks = (first, Point(first.x - 20, first.y + 5))
+    for k in (1, 2):
+        mask = segmenter.decode(embedding, Prompts(points=clicks[:k]))[0]
+        assert 0 < mask.quality.agreement <= 1
+        assert mask.score == pytest.approx(click_expected_iou(mask.quality, k))
+    refined = segmenter.decode(embedding, Prompts(boxes=(sample.box,), points=clicks[:1]))[0]
+    assert refined.quality.agreement == 1.0 and refined.score == pytest.approx(expected_iou(refined.quality))
 
 
 def test_enforce_cuts_negative_clicks_and_keeps_positive_ones(photo):

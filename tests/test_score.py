@@ -13,7 +13,7 @@ from trainer.active import ActiveDecoders
 from trainer.calibration import MIN_OBJECTS, Calibration, fit_calibration
 from trainer.data import Dataset, ImageSamples, held_out_sets, load_coco
 from trainer.finetune import FineTuneConfig, train_and_register
-from trainer.quality import MaskQuality, expected_iou, measure_quality
+from trainer.quality import MaskQuality, click_expected_iou, expected_iou, measure_quality
 from trainer.registry import Registry
 from trainer.score_metrics import auroc_bad, bad_found, expected_calibration_error, score_report
 from trainer.types import Box, Point, Prompts
@@ -46,6 +46,17 @@ def test_expected_iou_is_in_unit_range_and_discounts_bad_signs() -> None:
     assert expected_iou(MaskQuality(-0.3, 1.0, 1.0, 1.0)) == 0.0
     for worse in (MaskQuality(0.9, 0.5, 0.8, 1.0), MaskQuality(0.9, 1.0, 0.2, 1.0), MaskQuality(0.9, 1.0, 0.8, 0.5)):
         assert 0 < expected_iou(worse) < expected_iou(MaskQuality(0.9, 1.0, 0.8, 1.0))
+
+
+def test_click_scores_rise_with_agreement_and_clicks() -> None:
+    """The fitted click-only score (benchmarks/click_score_fit.py) is in [0, 1], 0 for an empty mask, and higher for
+    a mask its own box reproduces better and for a mask more clicks made, other signals alike."""
+    quality = MaskQuality(0.8, 0.9, 0.7, 1.0, agreement=0.6)
+    base = click_expected_iou(quality, 2)
+    assert 0 < base < 1
+    assert click_expected_iou(dataclasses.replace(quality, agreement=0.9), 2) > base
+    assert click_expected_iou(quality, 4) > base > click_expected_iou(quality, 1)
+    assert click_expected_iou(dataclasses.replace(quality, stability=0.0), 2) == 0.0
 
 
 def test_calibration_fits_monotone_and_round_trips() -> None:
@@ -158,4 +169,4 @@ def test_a_clicks_score_takes_the_fill_of_the_masks_own_box(segmenter) -> None:
         own_box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
         assert full[int(click.y), int(click.x)]
         assert mask.quality.box_fill == pytest.approx(full.sum() / own_box)
-        assert 0 < mask.score == pytest.approx(expected_iou(mask.quality))
+        assert 0 < mask.score == pytest.approx(click_expected_iou(mask.quality, clicks=1))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .clicks import ClickMemory, covers
-from .quality import interior_point
+from .quality import MaskQuality, interior_point
 from .types import Box, Embedding, Mask, Point, Prompts
 
 __all__ = ["interior_point", "next_click", "iou", "ClickTrial", "run_clicks", "summarize"]
@@ -44,6 +44,7 @@ class ClickTrial:
     start_iou: float | None = None  # the box's own mask, before any click
     ious: list[float] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    qualities: list[MaskQuality | None] = field(default_factory=list)  # the signals each score came from
     seconds: list[float] = field(default_factory=list)
     missed_positive: list[bool] = field(default_factory=list)
     covered_negative: list[bool] = field(default_factory=list)
@@ -72,13 +73,14 @@ def run_clicks(segmenter, embedding: Embedding, truth: np.ndarray, image_id: str
             full = mask.full()
             trial.ious.append(iou(full, truth))
             trial.scores.append(float(mask.score))
+            trial.qualities.append(mask.quality)
             trial.missed_positive.append(any(p.positive and not covers(mask, p) for p in points))
             trial.covered_negative.append(any(not p.positive and covers(mask, p) for p in points))
         if len(points) >= clicks:
             return trial
         click = next_click(mask.full(), truth)
         if click is None:  # exact: later clicks change nothing
-            for values in (trial.ious, trial.scores, trial.missed_positive, trial.covered_negative):
+            for values in (trial.ious, trial.scores, trial.qualities, trial.missed_positive, trial.covered_negative):
                 values.extend(values[-1:] * (clicks - len(points)))
             return trial
         points = points + (click,)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+from scipy.special import expit, logit
 
 STABILITY_OFFSET = 1.0  # logits thresholded at +-1, as SAM's automatic mask generator does
 FULL_BOX_FILL = 0.6  # a mask that fills at least this share of its box is not penalised for filling too little
@@ -21,13 +22,16 @@ class MaskQuality:
     """Signals of one mask's quality, each in [0, 1] (higher = better) except predicted_iou (SAM's raw output).
 
     predicted_iou: the decoder's IoU head; stability: area(logits > 1) / area(logits > -1); box_fill: the mask's
-    share of its box's area (1 without a box); largest_part: the largest connected part's share of the mask.
+    share of its box's area (1 without a box); largest_part: the largest connected part's share of the mask;
+    agreement (click-only masks): IoU of the mask with the mask its own bounding box gets as a box prompt (1 for
+    masks of a box prompt).
     """
 
     predicted_iou: float
     stability: float
     box_fill: float
     largest_part: float
+    agreement: float = 1.0
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(float(v), 4) for k, v in self.__dict__.items()}
@@ -73,6 +77,30 @@ def expected_iou(quality: MaskQuality) -> float:
     fill = min(quality.box_fill / FULL_BOX_FILL, 1.0)
     score = np.sqrt(quality.predicted_iou) * quality.stability * fill * quality.largest_part
     return float(min(1.0, max(0.0, score)))
+
+
+# Click-only masks: logistic weights (bias, logit of the box-style score, logit of the agreement, log of the clicks),
+# fitted by least squares on IoU over the protocol's steps on both shared datasets' fit splits
+# (benchmarks/click_score_fit.py, benchmarks/results/click_score_fit.json).
+CLICK_SCORE_WEIGHTS = (-1.7848, 0.4542, 0.5065, 1.1433)
+_EPS = 1e-3
+
+
+def click_expected_iou(quality: MaskQuality, clicks: int) -> float:
+    """The score of a mask made by `clicks` clicks and no box: the box-style score (`expected_iou`, box fill taken
+    against the mask's own box) combined with how well a box prompt of the mask's own box reproduces it and with
+    how many clicks made it (on both datasets a mask after more clicks is better on average: the protocol's first
+    click is ambiguous -- part or whole -- and later clicks correct it). An empty mask scores 0."""
+    score = expected_iou(quality)
+    if score <= 0 or clicks < 1:
+        return 0.0
+    return float(expit(np.dot(CLICK_SCORE_WEIGHTS, click_score_features(score, quality.agreement, clicks))))
+
+
+def click_score_features(score: float, agreement: float, clicks: int) -> np.ndarray:
+    """The (4,) inputs `CLICK_SCORE_WEIGHTS` weigh: 1, logit(score), logit(agreement), log(clicks)."""
+    score, agreement = np.clip([score, agreement], _EPS, 1 - _EPS)
+    return np.array([1.0, logit(score), logit(agreement), np.log(clicks)])
 
 
 def task_score(scores: list[float]) -> float:
