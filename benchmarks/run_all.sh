@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-ALL=(predict caching finetune score_quality clicks small_projects families scale webhooks training_loop
+ALL=(predict caching finetune score_quality click_score_fit clicks small_projects families runtimes scale webhooks training_loop
      training_concurrency startup robustness)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then ALL+=(gpu_check); fi
 names=("${@:-${ALL[@]}}")

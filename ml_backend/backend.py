@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -20,6 +21,7 @@ from trainer.active import ActiveDecoders
 from trainer.cache import DiskEmbeddings, EmbeddingCache, image_key
 from trainer.clicks import ClickMemory
 from trainer.models import load_model
+from trainer.onnx_encoder import EXPORT_DIR
 from trainer.runtime import Segmenter
 from trainer.types import Prompts
 
@@ -46,7 +48,8 @@ def build_segmenter(settings: Settings, serving: bool = True) -> Segmenter:
     model = load_model(settings.sam_model, settings.sam_checkpoint, settings.sam_checkpoint_sha256, settings.device)
     if not serving:
         return Segmenter(model)
-    return Segmenter(model, settings.encoder_bf16, settings.decoder_bf16)
+    return Segmenter(model, settings.encoder_bf16, settings.decoder_bf16, runtime=settings.inference_runtime,
+                     export_dir=Path(settings.model_dir) / EXPORT_DIR)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from trainer.inference_runtime import InferenceRuntime  # light: no torch
+
 
 def _bool(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
@@ -33,6 +35,8 @@ class Settings:
     device: str = setting("cpu", "DEVICE", "cpu | cuda")
     encoder_bf16: bool = setting(False, "ENCODER_BF16", "bf16 autocast for the image encoder (CPU)")
     decoder_bf16: bool = setting(False, "DECODER_BF16", "bf16 autocast for the mask decoder (CPU)")
+    inference_runtime: InferenceRuntime = setting(InferenceRuntime.TORCH, "INFERENCE_RUNTIME",
+            "image encoder runtime: torch | onnxruntime (exported once under MODEL_DIR/exports, fp32, CPU) | auto")
     cache_mb: float = setting(512.0, "EMBEDDING_CACHE_MB", "in-memory embedding cache bound")
     disk_cache: bool = setting(True, "EMBEDDING_DISK_CACHE", "also keep embeddings under MODEL_DIR")
     disk_cache_mb: float = setting(8192.0, "EMBEDDING_DISK_CACHE_MB", "disk embedding cache bound (LRU by last use)")

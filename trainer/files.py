@@ -1,10 +1,13 @@
-"""Atomic file writes: readers see the old file or the new one, never a part of either."""
+"""Atomic file writes (readers see the old file or the new one, never a part of either) and the blocking
+cross-process lock that guards making such a file once."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def write_atomic(path: Path, write: Callable[[Path], None], mode: int = 0o644, fsync: bool = True,
@@ -27,3 +30,14 @@ def write_atomic(path: Path, write: Callable[[Path], None], mode: int = 0o644, f
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created if missing), blocking until another process releases it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock

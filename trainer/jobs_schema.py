@@ -12,12 +12,11 @@ is already current takes no lock: one read of `user_version`.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import sqlite3
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
+
+from .files import exclusive_lock
 
 BASE_TABLES = (
     """CREATE TABLE IF NOT EXISTS events (
@@ -73,17 +72,6 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".init.lock")
 
 
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path` (blocking: migrations take milliseconds)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the flock
-
-
 def schema_version(path: Path) -> int:
     """The file's `user_version` (0 for a new or empty file)."""
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
@@ -101,7 +89,7 @@ def ensure_schema(path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and schema_version(path) >= SCHEMA_VERSION:
         return SCHEMA_VERSION
-    with _exclusive(lock_path(path)):
+    with exclusive_lock(lock_path(path)):
         db = sqlite3.connect(path, timeout=30, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: every later connection of every process uses it

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,7 +14,9 @@ from segment_anything.modeling import MaskDecoder
 from .decoder import UPSCALE, LowResMask, decode_windows, decoder_copy, prepare_image
 from .calibration import Calibration
 from .clicks import STRATEGIES, ClickHistory
+from .inference_runtime import InferenceRuntime
 from .models import LoadedModel
+from .onnx_encoder import image_encoder
 from .quality import expected_iou, measure_quality
 from .types import Box, Embedding, Mask, Point, Prompts
 
@@ -56,18 +59,28 @@ class Segmenter:
 
     Holds no per-image state, so threads can share one instance. `decode` takes the mask decoder to
     use (a project's fine-tuned one, see `fine_tuned_decoder`), the base model's when None.
+
+    `runtime` runs the image encoder (INFERENCE_RUNTIME): torch, or onnxruntime with its export cached under
+    `export_dir` (MODEL_DIR/exports; `trainer.onnx_encoder`, which falls back to torch where it cannot run).
+    ENCODER_BF16 applies to torch only: the ONNX Runtime encoder runs in fp32.
     """
 
     def __init__(self, model: LoadedModel, encoder_bf16: bool = False, decoder_bf16: bool = False,
-                 window_margin: float = 0.25) -> None:
+                 window_margin: float = 0.25, runtime: InferenceRuntime | str = InferenceRuntime.TORCH,
+                 export_dir: Path | None = None) -> None:
         self.model = model
         self.encoder_bf16 = encoder_bf16
         self.decoder_bf16 = decoder_bf16
         self.window_margin = window_margin
+        self.encoder = image_encoder(model, runtime, export_dir)
 
     @property
     def encoder_identity(self) -> str:
-        """What an embedding depends on: the base model (the encoder is never fine-tuned)."""
+        """What an embedding depends on: the base model (the encoder is never fine-tuned).
+
+        Not the runtime: ONNX Runtime's fp32 features differ from torch's by float noise only (~1e-6; masks agree,
+        tests/test_runtime_onnx.py), as bf16 autocast's do by more, so every runtime shares the memory and disk
+        embedding caches and switching INFERENCE_RUNTIME keeps them warm."""
         return self.model.identity
 
     def model_version(self, decoder_version: str = BASE_VERSION) -> str:
@@ -84,7 +97,7 @@ class Segmenter:
             raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
         x, resized = preprocess(image, self.model)
         with autocast(self.encoder_bf16, x.device):
-            features = self.model.sam.image_encoder(x)
+            features = self.encoder(x)
         return Embedding(features.float(), image.shape[:2], resized, self.model.input_size)
 
     @torch.inference_mode()
@@ -99,7 +112,7 @@ class Segmenter:
         inputs = [preprocess(image, self.model) for image in images]
         batch = torch.cat([x for x, _ in inputs])
         with autocast(self.encoder_bf16, batch.device):
-            features = self.model.sam.image_encoder(batch).float()
+            features = self.encoder(batch).float()
         return [Embedding(features[i:i + 1].clone(), image.shape[:2], resized, self.model.input_size)
                 for i, (image, (_, resized)) in enumerate(zip(images, inputs))]
 

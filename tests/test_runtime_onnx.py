@@ -1,0 +1,214 @@
+"""INFERENCE_RUNTIME=onnxruntime: the image encoder exported to ONNX and run by ONNX Runtime, against torch fp32 on
+the real LiteMedSAM weights and real images of both shared datasets; the cached export's checks (stale, corrupt ->
+rebuilt), the fallback to torch, and the setting. The real encoder is exported once for the module (~15 s on 2
+cores); the cache checks use a tiny stand-in encoder, so they export in well under a second."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ml_backend.logs import JsonFormatter
+from ml_backend.settings import Settings
+from tests import dataset
+from trainer import onnx_encoder
+from trainer.inference_runtime import InferenceRuntime
+from trainer.models import LoadedModel
+from trainer.onnx_encoder import OnnxImageEncoder, export_path, load_or_export
+from trainer.runtime import Segmenter
+from trainer.types import Box, Prompts
+
+COCO_EVERYDAY = dataset.ROOT.parent / "shared" / "datasets" / "coco_everyday"
+IMAGES_PER_DATASET = 2
+BOXES_PER_IMAGE = 5
+
+
+@lru_cache(maxsize=1)
+def _everyday() -> dict:
+    return json.loads((COCO_EVERYDAY / "annotations.json").read_text())
+
+
+def _samples() -> list[tuple[str, int]]:
+    nuclei = dataset.splits()["test"][:IMAGES_PER_DATASET]
+    everyday = json.loads((COCO_EVERYDAY / "splits.json").read_text())["test"][:IMAGES_PER_DATASET]
+    return [("dsb2018_nuclei", i) for i in nuclei] + [("coco_everyday", i) for i in everyday]
+
+
+def _image_and_boxes(name: str, image_id: int) -> tuple[np.ndarray, list[Box]]:
+    if name == "dsb2018_nuclei":
+        image, annotations = dataset.load_image(image_id), dataset.annotations(image_id)
+    else:
+        info = next(i for i in _everyday()["images"] if i["id"] == image_id)
+        image = np.array(Image.open(COCO_EVERYDAY / "images" / info["file_name"]).convert("RGB"))
+        annotations = [a for a in _everyday()["annotations"] if a["image_id"] == image_id]
+    boxes = [Box(x, y, x + w, y + h) for x, y, w, h in (a["bbox"] for a in annotations[:BOXES_PER_IMAGE])]
+    return image, boxes
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model_dir") / "exports"
+
+
+@pytest.fixture(scope="module")
+def onnx_segmenter(lite_medsam: LoadedModel, export_dir: Path) -> Segmenter:
+    """The default model with its encoder on ONNX Runtime, exported once for the module."""
+    segmenter = Segmenter(lite_medsam, runtime="onnxruntime", export_dir=export_dir)
+    assert isinstance(segmenter.encoder, OnnxImageEncoder)
+    assert segmenter.encoder.ready(), segmenter.encoder._fallback
+    assert segmenter.encoder.export_seconds is not None  # exported now, not found
+    return segmenter
+
+
+@pytest.mark.parametrize("name,image_id", _samples())
+def test_onnxruntime_masks_agree_with_torch_fp32(segmenter, onnx_segmenter, name, image_id):
+    image, boxes = _image_and_boxes(name, image_id)
+    assert boxes
+    reference, candidate = segmenter.embed(image), onnx_segmenter.embed(image)
+    assert candidate.features.shape == reference.features.shape == (1, 256, 64, 64)
+    assert candidate.features.dtype == torch.float32
+    assert (candidate.features - reference.features).abs().max() < 1e-3
+    prompts = Prompts(boxes=tuple(boxes))
+    for a, b in zip(segmenter.decode(reference, prompts), onnx_segmenter.decode(candidate, prompts)):
+        assert dataset.iou(a.full(), b.full()) >= 0.99
+
+
+def test_embed_many_runs_each_image_through_onnxruntime(onnx_segmenter):
+    images = [_image_and_boxes(*sample)[0] for sample in (_samples()[0], _samples()[-1])]
+    many = onnx_segmenter.embed_many(images)
+    for image, embedding in zip(images, many):
+        single = onnx_segmenter.embed(image)
+        assert embedding.original_size == single.original_size
+        assert torch.allclose(embedding.features, single.features, atol=1e-5)
+
+
+def test_a_cached_export_is_loaded_not_rebuilt(lite_medsam, onnx_segmenter, export_dir):
+    again = OnnxImageEncoder(lite_medsam, export_dir)
+    assert again.ready() and again.export_seconds is None
+    assert [p.name for p in export_dir.glob("*.onnx")] == [export_path(lite_medsam, export_dir).name]
+
+
+# -- the cached export's checks, on a tiny stand-in encoder (fast) ---------------------------------------------------
+def tiny_model(seed: int) -> LoadedModel:
+    """A LoadedModel whose encoder is one conv (32 x 32 -> 8 x 8 x 8): what the export code touches."""
+    torch.manual_seed(seed)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.GELU()).eval()
+    return LoadedModel(SimpleNamespace(image_encoder=encoder), "lite_medsam", str(seed) * 64, 32, "minmax")
+
+
+def _serves(model: LoadedModel, session) -> bool:
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.sam.image_encoder(x).numpy()
+    return bool(np.allclose(session.run(None, {"image": x.numpy()})[0], expected, atol=1e-5))
+
+
+def test_a_stale_export_is_rebuilt(tmp_path):
+    model, other = tiny_model(0), tiny_model(1)
+    _, seconds = load_or_export(other, tmp_path)
+    assert seconds is not None
+    path = export_path(model, tmp_path)
+    path.write_bytes(export_path(other, tmp_path).read_bytes())  # another model's export under this one's name
+    session, seconds = load_or_export(model, tmp_path)
+    assert seconds is not None  # rebuilt
+    assert _serves(model, session) and not _serves(other, session)
+    _, seconds = load_or_export(model, tmp_path)
+    assert seconds is None  # and then used
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "weights", "no fingerprint"])
+def test_a_corrupt_export_is_rebuilt(tmp_path, damage):
+    import onnx
+
+    model = tiny_model(0)
+    load_or_export(model, tmp_path)
+    path = export_path(model, tmp_path)
+    if damage == "garbage":
+        path.write_bytes(b"\x00not an onnx file" * 64)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        graph = onnx.load(str(path))
+        if damage == "weights":  # still parses, key still right: only the probe run can tell
+            weight = graph.graph.initializer[0]
+            values = onnx.numpy_helper.to_array(weight) * 1.5
+            weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+        else:
+            kept = [p for p in graph.metadata_props if p.key != onnx_encoder.PROBE_PROP]
+            del graph.metadata_props[:]
+            graph.metadata_props.extend(kept)
+        onnx.save(graph, str(path))
+    with pytest.raises(onnx_encoder.ExportError):
+        onnx_encoder.open_export(path, onnx_encoder.export_key(model), 32, 1)
+    session, seconds = load_or_export(model, tmp_path)
+    assert seconds is not None and _serves(model, session)
+    onnx_encoder.open_export(path, onnx_encoder.export_key(model), 32, 1)  # the file on disk is good again
+
+
+# -- the fallback to torch ----------------------------------------------------------------------------------------
+def _fallback_lines(caplog) -> list[dict]:
+    return [json.loads(JsonFormatter().format(r)) for r in caplog.records
+            if r.name == onnx_encoder.__name__ and r.levelno >= logging.WARNING]
+
+
+def test_an_unavailable_runtime_falls_back_to_torch_with_one_log_line(lite_medsam, segmenter, tmp_path,
+                                                                         monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    caplog.set_level(logging.INFO, logger=onnx_encoder.__name__)
+    fallback = Segmenter(lite_medsam, runtime="onnxruntime", export_dir=tmp_path / "exports")
+    image = dataset.load_image(dataset.splits()["test"][0])
+    reference = segmenter.embed(image)
+    assert torch.equal(fallback.embed(image).features, reference.features)
+    assert not fallback.encoder.ready() and fallback.encoder.runtime is InferenceRuntime.TORCH  # asked again: no line
+    (line,) = _fallback_lines(caplog)
+    assert line["level"] == "WARNING" and "falling back to torch" in line["event"]
+    assert line["runtime"] == "onnxruntime" and line["fallback"] == "torch" and "onnxruntime" in line["reason"]
+
+
+def test_a_failed_export_falls_back_and_leaves_no_file(tmp_path, monkeypatch, caplog):
+    def broken(model, key, tmp):
+        tmp.write_bytes(b"half an export")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(onnx_encoder, "_write_export", broken)
+    model = tiny_model(0)
+    encoder = OnnxImageEncoder(model, tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), model.sam.image_encoder(x))
+        encoder(x)
+    (line,) = _fallback_lines(caplog)
+    assert "exporter crashed" in line["reason"]
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".tmp-*"))
+
+
+# -- the setting ----------------------------------------------------------------------------------------------------
+def test_the_setting_is_validated():
+    assert Settings().inference_runtime is InferenceRuntime.TORCH
+    assert Settings.from_env({"INFERENCE_RUNTIME": "onnxruntime"}).inference_runtime is InferenceRuntime.ONNXRUNTIME
+    assert Settings.from_env({"INFERENCE_RUNTIME": " Auto "}).inference_runtime is InferenceRuntime.AUTO
+    with pytest.raises(SystemExit, match=r"INFERENCE_RUNTIME='tensorrt' is invalid: .*torch \| onnxruntime \| auto"):
+        Settings.from_env({"INFERENCE_RUNTIME": "tensorrt"})
+    with pytest.raises(ValueError, match="unknown inference runtime 'openvino'"):
+        Segmenter(tiny_model(0), runtime="openvino")
+    assert InferenceRuntime.AUTO.resolve("cpu") is InferenceRuntime.ONNXRUNTIME  # installed here
+    assert InferenceRuntime.AUTO.resolve("cuda") is InferenceRuntime.TORCH
+    assert isinstance(Segmenter(tiny_model(0), runtime="auto", export_dir=Path("unused")).encoder, OnnxImageEncoder)
+
+
+def test_the_server_builds_the_runtime_the_settings_name(tmp_path):
+    from ml_backend.backend import build_segmenter
+
+    settings = Settings(model_dir=tmp_path, inference_runtime=InferenceRuntime.ONNXRUNTIME)
+    serving = build_segmenter(settings)
+    assert isinstance(serving.encoder, OnnxImageEncoder) and serving.encoder.export_dir == tmp_path / "exports"
+    assert isinstance(build_segmenter(settings, serving=False).encoder, torch.nn.Module)  # training: torch
+    assert not (tmp_path / "exports").exists()  # exported on first use, not at build
