@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from benchmarks.common import machine
+from trainer.click_eval import iou
+from trainer.data import load_coco
 from trainer.models import load_model
 from trainer.onnx_encoder import INPUT, OUTPUT, _session, export_key, export_path, load_or_export, open_export
 from trainer.runtime import Segmenter, preprocess
@@ -37,22 +38,8 @@ REPEAT = 2  # timed encoder runs per image and runtime
 
 def test_images(name: str) -> list[tuple[np.ndarray, list[Box]]]:
     """The first IMAGES_PER_DATASET test-split images of a shared dataset with up to BOXES_PER_IMAGE GT boxes."""
-    root = DATASETS / name
-    coco = json.loads((root / "annotations.json").read_text())
-    ids = json.loads((root / "splits.json").read_text())["test"][:IMAGES_PER_DATASET]
-    out = []
-    for image_id in ids:
-        info = next(i for i in coco["images"] if i["id"] == image_id)
-        image = np.array(Image.open(root / "images" / info["file_name"]).convert("RGB"))
-        boxes = [Box(x, y, x + w, y + h) for x, y, w, h in
-                 (a["bbox"] for a in coco["annotations"] if a["image_id"] == image_id)][:BOXES_PER_IMAGE]
-        out.append((image, boxes))
-    return out
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+    images = load_coco(DATASETS / name).split("test")[:IMAGES_PER_DATASET]
+    return [(image.load_image(), [sample.box for sample in image.samples[:BOXES_PER_IMAGE]]) for image in images]
 
 
 def int8_matmul_encoder(fp32_path: Path, folder: Path):

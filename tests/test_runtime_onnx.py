@@ -14,43 +14,35 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ml_backend.logs import JsonFormatter
 from ml_backend.settings import Settings
 from tests import dataset
 from trainer import onnx_encoder
+from trainer.data import load_coco
 from trainer.inference_runtime import InferenceRuntime
 from trainer.models import LoadedModel
 from trainer.onnx_encoder import OnnxImageEncoder, export_path, load_or_export
 from trainer.runtime import Segmenter
 from trainer.types import Box, Prompts
 
-COCO_EVERYDAY = dataset.ROOT.parent / "shared" / "datasets" / "coco_everyday"
+SHARED = dataset.ROOT.parent / "shared" / "datasets"
 IMAGES_PER_DATASET = 2
 BOXES_PER_IMAGE = 5
 
 
-@lru_cache(maxsize=1)
-def _everyday() -> dict:
-    return json.loads((COCO_EVERYDAY / "annotations.json").read_text())
+@lru_cache(maxsize=2)
+def _test_images(name: str) -> list:
+    return load_coco(SHARED / name).split("test")[:IMAGES_PER_DATASET]
 
 
 def _samples() -> list[tuple[str, int]]:
-    nuclei = dataset.splits()["test"][:IMAGES_PER_DATASET]
-    everyday = json.loads((COCO_EVERYDAY / "splits.json").read_text())["test"][:IMAGES_PER_DATASET]
-    return [("dsb2018_nuclei", i) for i in nuclei] + [("coco_everyday", i) for i in everyday]
+    return [(name, n) for name in ("dsb2018_nuclei", "coco_everyday") for n in range(IMAGES_PER_DATASET)]
 
 
-def _image_and_boxes(name: str, image_id: int) -> tuple[np.ndarray, list[Box]]:
-    if name == "dsb2018_nuclei":
-        image, annotations = dataset.load_image(image_id), dataset.annotations(image_id)
-    else:
-        info = next(i for i in _everyday()["images"] if i["id"] == image_id)
-        image = np.array(Image.open(COCO_EVERYDAY / "images" / info["file_name"]).convert("RGB"))
-        annotations = [a for a in _everyday()["annotations"] if a["image_id"] == image_id]
-    boxes = [Box(x, y, x + w, y + h) for x, y, w, h in (a["bbox"] for a in annotations[:BOXES_PER_IMAGE])]
-    return image, boxes
+def _image_and_boxes(name: str, index: int) -> tuple[np.ndarray, list[Box]]:
+    image = _test_images(name)[index]
+    return image.load_image(), [sample.box for sample in image.samples[:BOXES_PER_IMAGE]]
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +60,9 @@ def onnx_segmenter(lite_medsam: LoadedModel, export_dir: Path) -> Segmenter:
     return segmenter
 
 
-@pytest.mark.parametrize("name,image_id", _samples())
-def test_onnxruntime_masks_agree_with_torch_fp32(segmenter, onnx_segmenter, name, image_id):
-    image, boxes = _image_and_boxes(name, image_id)
+@pytest.mark.parametrize("name,index", _samples())
+def test_onnxruntime_masks_agree_with_torch_fp32(segmenter, onnx_segmenter, name, index):
+    image, boxes = _image_and_boxes(name, index)
     assert boxes
     reference, candidate = segmenter.embed(image), onnx_segmenter.embed(image)
     assert candidate.features.shape == reference.features.shape == (1, 256, 64, 64)
