@@ -7,6 +7,14 @@ first export's seconds and a cached export's load seconds (the session plus its 
 Runtimes: torch fp32; onnxruntime fp32 (INFERENCE_RUNTIME=onnxruntime: trainer/onnx_encoder.py); and, not offered
 by the setting, onnxruntime with int8 dynamic quantisation of the MatMuls (onnxruntime.quantization).
 
+How the server gets there (INFERENCE_RUNTIME=auto, the default): `background_export_s`, from a fresh folder, is the
+time from the encoder's start to ONNX Runtime serving (the export child's start, model load and export, the
+session's load and probe), while torch would serve. `session_rss_mb`: resident memory one more session adds (a
+worker holds one per priority that encodes: live calls', pre-warm's). `new_image`: what a new image costs the
+serving path bare (embed + a BOXES_PER_IMAGE-box decode, no HTTP, no fetch), per runtime, interleaved, and what it
+implies: new images one Retrieve predictions call covers within the default PREDICT_DEADLINE_S, and a bulk
+pre-label job's images per minute (both bare: the figures through a real Label Studio are lower).
+
 Run: .venv/bin/python -m benchmarks.runtimes  -> benchmarks/results/runtimes.json (the load average goes into the
 result: on a shared machine the absolute times are noisy, the ratios less so).
 """
@@ -22,10 +30,12 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine
+from ml_backend.settings import Settings
 from trainer.click_eval import iou
 from trainer.data import load_coco
 from trainer.models import load_model
-from trainer.onnx_encoder import INPUT, OUTPUT, _session, export_key, export_path, load_or_export, open_export
+from trainer.onnx_encoder import (INPUT, OUTPUT, OnnxImageEncoder, _session, export_key, export_path,
+                                   load_or_export, open_export)
 from trainer.runtime import Segmenter, preprocess
 from trainer.types import Box, Embedding, Prompts
 
@@ -52,6 +62,45 @@ def int8_matmul_encoder(fp32_path: Path, folder: Path):
     return lambda x: torch.from_numpy(session.run([OUTPUT], {INPUT: x.numpy()})[0])
 
 
+def rss_mb() -> float:
+    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def background_export(model) -> tuple[float, float]:
+    """(seconds from start() to ONNX Runtime serving in a fresh folder, the resident MB a second session adds)."""
+    folder = Path(tempfile.mkdtemp(prefix="runtimes-auto-"))
+    encoder = OnnxImageEncoder(model, folder)
+    started = time.perf_counter()
+    encoder.start()
+    assert encoder.ready(timeout_s=600), encoder._fallback
+    seconds = time.perf_counter() - started
+    before = rss_mb()
+    session = open_export(export_path(model, folder), export_key(model), model.input_size, torch.get_num_threads())
+    session.run([OUTPUT], {INPUT: np.zeros((1, 3, model.input_size, model.input_size), np.float32)})
+    return seconds, rss_mb() - before
+
+
+def new_image_costs(segmenters: dict[str, Segmenter]) -> dict:
+    """Embed + decode of BOXES_PER_IMAGE boxes on each test image of both datasets, runtimes interleaved."""
+    seconds: dict[str, list[float]] = {name: [] for name in segmenters}
+    images = [item for name in ("dsb2018_nuclei", "coco_everyday") for item in test_images(name)]
+    for index, (image, boxes) in enumerate(images):
+        names = list(segmenters)[index % len(segmenters):] + list(segmenters)[:index % len(segmenters)]
+        for name in names:
+            t0 = time.perf_counter()
+            segmenters[name].decode(segmenters[name].embed(image), Prompts(boxes=tuple(boxes)))
+            seconds[name].append(time.perf_counter() - t0)
+    deadline_s = Settings().predict_deadline_s
+    report = {}
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        report[name] = {"median_ms": round(1000 * median, 1),
+                        "ratio_to_torch": round(median / statistics.median(seconds["torch_fp32"]), 3),
+                        "new_images_per_retrieve_call_bare": int(deadline_s // median),
+                        "prelabel_images_per_minute_bare": round(60 / median, 1)}
+    return {"images": len(images), "predict_deadline_s": deadline_s, "runtimes": report}
+
+
 def main() -> dict:
     model = load_model("lite_medsam")
     torch_segmenter = Segmenter(model)
@@ -69,9 +118,12 @@ def main() -> dict:
     encoders["onnxruntime_int8_matmul"] = int8_matmul_encoder(export_path(model, folder), folder)
     quantise_s = time.perf_counter() - started
 
+    background_s, session_mb = background_export(model)
     report: dict = {"machine": machine(), "model": model.identity, "threads": torch.get_num_threads(),
                     "export": {"first_export_s": round(export_s, 2), "first_use_s": round(first_use_s, 2),
                                "cached_load_s": round(cached_load_s, 2), "int8_quantise_s": round(quantise_s, 2),
+                               "background_export_s": round(background_s, 2),
+                               "session_rss_mb": round(session_mb, 1),
                                "onnx_mb": round(export_path(model, folder).stat().st_size / 2**20, 1)},
                     "images_per_dataset": IMAGES_PER_DATASET, "boxes_per_image": BOXES_PER_IMAGE, "datasets": {}}
     all_ms: dict[str, list[float]] = {name: [] for name in encoders}
@@ -112,6 +164,7 @@ def main() -> dict:
     report["overall"] = {name: {"encoder_median_ms": round(statistics.median(v), 1),
                                 "ratio_to_torch": round(statistics.median(v) / torch_median, 3)}
                          for name, v in all_ms.items()}
+    report["new_image"] = new_image_costs({"torch_fp32": torch_segmenter, "onnxruntime_fp32": onnx_segmenter})
     report["machine"]["loadavg_end"] = machine()["loadavg"]
     OUT.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         body = _json_body()
         new_tasks = parse_new_tasks(body)
         if new_tasks is not None:
-            queued = backend.prewarm_tasks(new_tasks.project, new_tasks.images)
+            queued = backend.prewarm_tasks(new_tasks.project, new_tasks.images, soon=True)
             g.log = {"action": "TASKS_CREATED", "project": new_tasks.project, "tasks": new_tasks.tasks,
                      "prewarm_queued": queued}
             return jsonify(status="prewarming", queued=queued)

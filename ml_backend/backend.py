@@ -21,7 +21,6 @@ from trainer.active import ActiveDecoders
 from trainer.cache import DiskEmbeddings, EmbeddingCache, image_key
 from trainer.clicks import ClickMemory
 from trainer.models import load_model
-from trainer.onnx_encoder import EXPORT_DIR
 from trainer.runtime import Segmenter
 from trainer.types import Prompts
 
@@ -41,15 +40,16 @@ log = logging.getLogger("ml_backend")
 
 def build_segmenter(settings: Settings, serving: bool = True) -> Segmenter:
     """The model the settings name (SAM_MODEL, SAM_CHECKPOINT[_SHA256], DEVICE, TORCH_THREADS): the one way the
-    server, the training jobs and the command line load it. bf16 autocast (ENCODER_/DECODER_BF16) is for serving
-    only: training and evaluation run in fp32."""
+    server, the training jobs and the command line load it. The encoder's runtime (INFERENCE_RUNTIME, its export
+    under EXPORT_DIR) and bf16 autocast (ENCODER_/DECODER_BF16) are for serving only: training and evaluation run
+    torch in fp32."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     model = load_model(settings.sam_model, settings.sam_checkpoint, settings.sam_checkpoint_sha256, settings.device)
     if not serving:
         return Segmenter(model)
     return Segmenter(model, settings.encoder_bf16, settings.decoder_bf16, runtime=settings.inference_runtime,
-                     export_dir=Path(settings.model_dir) / EXPORT_DIR)
+                     export_dir=settings.exports)
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ class SamBackend:
         self.prewarmer = Prewarmer(self.segmenter, self.cache, settings.prewarm_queue, settings.encoder_batch_size,
                                    HostLiveCalls.for_model_dir(settings.model_dir))
         self.compute = ComputePool(settings.predict_concurrency)
+        # from a compute thread: the runtime's worker threads take its priority (live calls' nice 5)
+        self.compute.run(self.segmenter.start, interactive=True)
         self._new_image_s = 0.0  # moving average of a new image's encode + decodes
         self.decoders = ActiveDecoders(settings.model_dir, self.segmenter)
         self._clients: dict[str | None, ProjectClient] = {}
@@ -158,7 +160,7 @@ class SamBackend:
         for index in late:
             answers[index] = TaskAnswer(protocol.DEFERRED)
         if late and self.settings.prewarm:
-            self.prewarmer.submit(self._image_jobs(loader, [tasks[i].image for i in late if tasks[i].image]))
+            self.prewarmer.submit(self._image_jobs(loader, [tasks[i].image for i in late if tasks[i].image]), soon=True)
         if len(tasks) == 1 and not need_image and tasks[0].image and self.settings.prewarm:
             # one task without prompts: Label Studio asks when a task is opened; its image goes first, so that
             # the annotator's first box or click finds it embedded
@@ -236,11 +238,12 @@ class SamBackend:
         return loader.load(task.image.url, task.image.task_id)
 
     # -- pre-warming ------------------------------------------------------------------------------------
-    def prewarm_tasks(self, project: str | None, images: list[ImageRef]) -> int:
-        """Queue the tasks' images for background embedding; returns how many were queued."""
+    def prewarm_tasks(self, project: str | None, images: list[ImageRef], soon: bool = False) -> int:
+        """Queue the tasks' images for background embedding; returns how many were queued. soon: tasks just
+        imported, ahead of a project's backlog."""
         if not self.settings.prewarm:
             return 0
-        return self.prewarmer.submit(self._image_jobs(self.client(project).images, images))
+        return self.prewarmer.submit(self._image_jobs(self.client(project).images, images), soon=soon)
 
     def prewarm_project(self, project: str, every_s: float = 3600.0) -> bool:
         """Queue every task image of the project, listed through Label Studio's API in a background thread;

@@ -45,9 +45,10 @@ class Prewarmer:
 
     The thread runs at low scheduling priority and yields to live calls (those inside `live()` of this process,
     and with `host` those of every backend process of the host): it starts an image only while none runs, and
-    an encode already running pauses at the next encoder block (a forward pre-hook on every block) until they
+    a torch encode already running pauses at the next encoder block (a forward pre-hook on every block) until they
     are done, unless a live call of this process waits for that very image (the cache is single-flight: it then
-    finishes it for them).
+    finishes it for them). An ONNX Runtime encode cannot pause: it runs on worker threads of the thread's own low
+    priority (trainer/onnx_encoder.py), so live calls' threads still come first.
     """
 
     def __init__(self, segmenter: Segmenter, cache: EmbeddingCache, max_queue: int, batch: int = 1,
@@ -58,7 +59,8 @@ class Prewarmer:
         self.batch = max(1, batch)  # images per encoder forward (more than 1 pays on a GPU)
         self.host = host
         self.counts: Counter[str] = Counter()
-        self._queue: deque[ImageJob] = deque()
+        self._soon: deque[ImageJob] = deque()  # opened, imported or deferred tasks: taken first
+        self._backlog: deque[ImageJob] = deque()  # a project's listing
         self._pending: set[tuple[int, str]] = set()
         self._live = 0
         self._busy = False
@@ -86,39 +88,53 @@ class Prewarmer:
         """A live call runs: in this process, or in another backend process of the host."""
         return bool(self._live) or (self.host is not None and self.host.others_live())
 
-    def submit(self, jobs: Iterable[ImageJob], first: bool = False) -> int:
+    def submit(self, jobs: Iterable[ImageJob], first: bool = False, soon: bool = False) -> int:
         """Queue images not already queued; returns how many were accepted (the rest: queued or queue full).
         first: the images someone is about to need (a task just opened in the editor) go to the front of the
-        queue, moved there when already queued."""
+        queue, moved there when already queued. soon: the images people will ask for next (tasks just imported,
+        tasks a Retrieve predictions call deferred) go after those but ahead of the backlog (a project's listing),
+        moved there when already in it."""
         accepted = 0
         jobs = list(jobs)
         with self._cond:
             for job in reversed(jobs) if first else jobs:
                 ident = (id(job.loader), job.url)
                 if ident in self._pending:
-                    if first:
-                        self._move_to_front(ident)
+                    if first and (moved := self._take(ident, self._soon, self._backlog)) is not None:
+                        self._soon.appendleft(moved)
+                    elif soon and (moved := self._take(ident, self._backlog)) is not None:
+                        self._soon.append(moved)
                     continue
-                if len(self._queue) >= self.max_queue and not first:
+                if len(self._soon) + len(self._backlog) >= self.max_queue and not first:
                     self.counts["dropped"] += 1
                     continue
                 self._pending.add(ident)
                 if first:
-                    self._queue.appendleft(job)
+                    self._soon.appendleft(job)
+                elif soon:
+                    self._soon.append(job)
                 else:
-                    self._queue.append(job)
+                    self._backlog.append(job)
                 accepted += 1
-            if accepted or first:  # first: a job moved to the front may be waiting for the thread too
+            if accepted or first or soon:  # a job moved ahead may be waiting for the thread too
                 self._start()
                 self._cond.notify_all()
         return accepted
 
-    def _move_to_front(self, ident: tuple[int, str]) -> None:
-        for index, queued in enumerate(self._queue):
-            if (id(queued.loader), queued.url) == ident:
-                del self._queue[index]
-                self._queue.appendleft(queued)
-                return
+    @staticmethod
+    def _take(ident: tuple[int, str], *queues: deque[ImageJob]) -> ImageJob | None:
+        """Remove the queued job `ident` from the first of `queues` that holds it; None when none does (it runs)."""
+        for queue in queues:
+            for index, queued in enumerate(queue):
+                if (id(queued.loader), queued.url) == ident:
+                    del queue[index]
+                    return queued
+        return None
+
+    def queued(self) -> list[ImageJob]:
+        """The queue in the order the thread takes it."""
+        with self._cond:
+            return [*self._soon, *self._backlog]
 
     @contextmanager
     def live(self) -> Iterator[None]:
@@ -138,13 +154,13 @@ class Prewarmer:
 
     def status(self) -> dict:
         with self._cond:
-            return {"queued": len(self._queue), "running": self._busy, **self.counts}
+            return {"queued": len(self._soon) + len(self._backlog), "running": self._busy, **self.counts}
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until the queue is empty and no image is being embedded (tests, benchmarks)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._queue or self._busy:
+            while self._soon or self._backlog or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -156,7 +172,8 @@ class Prewarmer:
         its next encoder block. Returns whether the thread has ended within `timeout_s`."""
         with self._cond:
             self._stopping = True
-            self._queue.clear()
+            self._soon.clear()
+            self._backlog.clear()
             self._cond.notify_all()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -177,11 +194,12 @@ class Prewarmer:
             pass
         while True:
             with self._cond:
-                while (not self._queue or self._held_back()) and not self._stopping:
-                    self._cond.wait(POLL_S if self._queue else None)
+                while (not (self._soon or self._backlog) or self._held_back()) and not self._stopping:
+                    self._cond.wait(POLL_S if self._soon or self._backlog else None)
                 if self._stopping:
                     return
-                jobs = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
+                jobs = [(self._soon or self._backlog).popleft()
+                        for _ in range(min(self.batch, len(self._soon) + len(self._backlog)))]
                 self._busy = True
             try:
                 self._warm(jobs)
@@ -232,5 +250,5 @@ class Prewarmer:
 
     def _done(self, job: ImageJob, outcome: str, started: float) -> None:
         self.counts[outcome] += 1
-        log.info("prewarm image", extra={"task": job.task_id, "outcome": outcome, "queued": len(self._queue),
+        log.info("prewarm image", extra={"task": job.task_id, "outcome": outcome, "queued": len(self._soon) + len(self._backlog),
                                          "ms": round(1000 * (time.perf_counter() - started), 1)})

@@ -35,8 +35,11 @@ class Settings:
     device: str = setting("cpu", "DEVICE", "cpu | cuda")
     encoder_bf16: bool = setting(False, "ENCODER_BF16", "bf16 autocast for the image encoder (CPU)")
     decoder_bf16: bool = setting(False, "DECODER_BF16", "bf16 autocast for the mask decoder (CPU)")
-    inference_runtime: InferenceRuntime = setting(InferenceRuntime.TORCH, "INFERENCE_RUNTIME",
-            "image encoder runtime: torch | onnxruntime (exported once under MODEL_DIR/exports, fp32, CPU) | auto")
+    inference_runtime: InferenceRuntime = setting(InferenceRuntime.AUTO, "INFERENCE_RUNTIME",
+            "image encoder runtime: auto (onnxruntime on a CPU, torch on CUDA or with ENCODER_BF16) | torch | "
+            "onnxruntime (fp32; exported in the background at start, torch serves until then)")
+    export_dir: Path | None = setting(None, "EXPORT_DIR",
+            "where exported encoders are cached (default MODEL_DIR/exports; backends of a host may share one)")
     cache_mb: float = setting(512.0, "EMBEDDING_CACHE_MB", "in-memory embedding cache bound")
     disk_cache: bool = setting(True, "EMBEDDING_DISK_CACHE", "also keep embeddings under MODEL_DIR")
     disk_cache_mb: float = setting(8192.0, "EMBEDDING_DISK_CACHE_MB", "disk embedding cache bound (LRU by last use)")
@@ -120,6 +123,11 @@ class Settings:
                 value = value is not None
             values[declared.name] = str(value) if isinstance(value, Path) else value
         return values
+
+    @property
+    def exports(self) -> Path:
+        """EXPORT_DIR, or MODEL_DIR/exports."""
+        return Path(self.export_dir) if self.export_dir else Path(self.model_dir) / "exports"
 
     @property
     def encoder_batch_size(self) -> int:

@@ -5,7 +5,8 @@ pre-warm thread in the middle of an encode, a compute thread finishing a task) i
 through a C++ frame that may not be unwound, and the process aborts: "terminate called without an active
 exception", SIGABRT, which gunicorn reports for each worker on every stop. So at exit (atexit, which runs after
 gunicorn has finished the requests in flight and before finalization) every live backend stops its pre-warm
-thread (abandoning an encode at its next encoder block) and lets its compute threads finish what they run.
+thread (abandoning an encode at its next encoder block), ends an ONNX export in progress (its child process) and
+lets its compute threads finish what they run.
 The training dispatcher and the Redis reaper only ever wait in C (sleep, sqlite, a child process), where
 ending them is harmless.
 """
@@ -20,6 +21,7 @@ from typing import Protocol
 log = logging.getLogger("ml_backend")
 PREWARM_STOP_S = 25.0  # an encode is abandoned at its next encoder block: under a second on an idle CPU, seconds
 # when the host is busy (the thread runs at nice 15); below gunicorn's 30 s graceful stop, after which it kills
+EXPORT_STOP_S = 10.0  # an export child ends at SIGTERM; loading an export takes about a second
 COMPUTE_STOP_S = 30.0  # a task that runs is finished (gunicorn's graceful stop already waited for requests)
 
 
@@ -29,6 +31,7 @@ class _Stoppable(Protocol):
 
 class _Backend(Protocol):
     prewarmer: _Stoppable
+    segmenter: _Stoppable
     compute: _Stoppable
 
 
@@ -51,6 +54,7 @@ def stop_all() -> bool:
     stopped = True
     for backend in list(_live):
         for name, part, timeout_s in (("prewarm", backend.prewarmer, PREWARM_STOP_S),
+                                      ("encoder export", backend.segmenter, EXPORT_STOP_S),
                                       ("compute", backend.compute, COMPUTE_STOP_S)):
             if not part.stop(timeout_s):
                 stopped = False

@@ -18,6 +18,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "ml_backend/gunicorn_conf.py", "ml_backend.wsgi:app"]
 
 
+def shared_exports() -> Path:
+    """The session's export folder (EXPORT_DIR, set by tests/conftest.py) for backends built in the test process:
+    gunicorn ones get it through the environment."""
+    return Path(os.environ["EXPORT_DIR"])
+
+
 @contextmanager
 def start_backend(env: dict[str, str], log_path: Path, timeout: float = 120) -> Iterator[str]:
     """Run gunicorn with BIND on a free loopback port and the given settings; yields its URL."""

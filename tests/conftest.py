@@ -1,9 +1,21 @@
 # ---------------------------------------------------------------------------
 # Real Label Studio (1.23.2) end-to-end fixtures -- see tests/label_studio.py
 # ---------------------------------------------------------------------------
+import os
+import shutil
+import tempfile
 from typing import Iterator
 
 import pytest
+
+# One ONNX export of the default encoder for the session (INFERENCE_RUNTIME=auto makes it when a backend starts):
+# every backend the suite starts shares it, gunicorn ones through the environment, in-process ones through
+# tests.backend_server.shared_exports(). tests/test_runtime_onnx.py exports into folders of its own.
+os.environ["EXPORT_DIR"] = tempfile.mkdtemp(prefix="sam-backend-exports-")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(os.environ["EXPORT_DIR"], ignore_errors=True)
 
 from tests.label_studio import SAM_LABEL_CONFIG, LabelStudioError, LabelStudioServer, start_label_studio
 

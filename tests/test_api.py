@@ -11,6 +11,7 @@ from ml_backend.settings import Settings
 from tests import dataset
 from tests.label_studio import brush_mask, rect_result
 from tests.image_server import serve_files
+from tests.backend_server import shared_exports
 
 TOKEN = "test-token-123"
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -38,7 +39,7 @@ def client(tmp_path_factory, rotated_jpeg):
     files["/data/upload/1/rotated.jpg"] = rotated_jpeg
     with serve_files(files, TOKEN) as url:
         settings = Settings(label_studio_url=url, label_studio_api_key=TOKEN,
-                            model_dir=tmp_path_factory.mktemp("models"))
+                            model_dir=tmp_path_factory.mktemp("models"), export_dir=shared_exports())
         app = create_app(settings, SamBackend(settings))
         yield app.test_client()
 

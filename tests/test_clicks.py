@@ -26,6 +26,7 @@ from trainer.runtime import Segmenter
 from trainer.types import Embedding, Point, Prompts
 
 from tests.dataset import ROOT
+from tests.backend_server import shared_exports
 
 EVERYDAY = ROOT.parent / "shared" / "datasets" / "coco_everyday"
 TOKEN = "clicks-token"
@@ -49,7 +50,7 @@ def client(tmp_path_factory, photo):
     path = next((EVERYDAY / "images").glob(f"*{int(image.image_id):012d}*"))
     with serve_files({"/data/upload/1/photo.jpg": path}, TOKEN) as url:
         settings = Settings(label_studio_url=url, label_studio_api_key=TOKEN,
-                            model_dir=tmp_path_factory.mktemp("models"), prewarm=False)
+                            model_dir=tmp_path_factory.mktemp("models"), prewarm=False, export_dir=shared_exports())
         yield create_app(settings, SamBackend(settings)).test_client()
 
 

@@ -12,6 +12,7 @@ from ml_backend.settings import Settings
 from tests import fuzzing
 from tests.image_server import serve_files
 from tests.label_studio import rect_result
+from tests.backend_server import shared_exports
 
 REACHED = {"masks": 0}  # fuzzed tasks whose prompts went through the encoder and the decoder to a mask
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -24,7 +25,7 @@ def client(tmp_path_factory):
     with serve_files({fuzzing.LOADABLE_UPLOAD: real}, "fuzz-token") as url:
         config = Settings(model_dir=tmp_path_factory.mktemp("fuzz-models"), label_studio_url=url,
                           label_studio_api_key="fuzz-token", training_runner="off", image_timeout_s=1,
-                          max_tasks=50, max_boxes=20, max_clicks=30, max_body_mb=2)
+                          max_tasks=50, max_boxes=20, max_clicks=30, max_body_mb=2, export_dir=shared_exports())
         yield create_app(config, SamBackend(config)).test_client()
 
 

@@ -1,12 +1,16 @@
-"""INFERENCE_RUNTIME=onnxruntime: the image encoder exported to ONNX and run by ONNX Runtime, against torch fp32 on
-the real LiteMedSAM weights and real images of both shared datasets; the cached export's checks (stale, corrupt ->
-rebuilt), the fallback to torch, and the setting. The real encoder is exported once for the module (~15 s on 2
+"""INFERENCE_RUNTIME=auto/onnxruntime: the image encoder exported to ONNX (in the background, by a child process,
+while torch serves) and run by ONNX Runtime, against torch fp32 on the real LiteMedSAM weights and real images of
+both shared datasets; a session per priority; the cached export's checks (stale, corrupt -> rebuilt), a stop
+mid-export, the fallback to torch, and the setting. The real encoder is exported once for the module (~15 s on 2
 cores); the cache checks use a tiny stand-in encoder, so they export in well under a second."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,13 +55,19 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def onnx_segmenter(lite_medsam: LoadedModel, export_dir: Path) -> Segmenter:
-    """The default model with its encoder on ONNX Runtime, exported once for the module."""
-    segmenter = Segmenter(lite_medsam, runtime="onnxruntime", export_dir=export_dir)
-    assert isinstance(segmenter.encoder, OnnxImageEncoder)
-    assert segmenter.encoder.ready(), segmenter.encoder._fallback
-    assert segmenter.encoder.export_seconds is not None  # exported now, not found
-    return segmenter
+def onnx_segmenter(lite_medsam: LoadedModel, segmenter: Segmenter, export_dir: Path) -> Segmenter:
+    """The default model with its encoder on ONNX Runtime (the default, auto, on this CPU), exported once for the
+    module; torch serves while the export runs in the background."""
+    onnx = Segmenter(lite_medsam, runtime="auto", export_dir=export_dir)
+    assert isinstance(onnx.encoder, OnnxImageEncoder)
+    onnx.start()
+    image = dataset.load_image(dataset.splits()["test"][0])
+    assert torch.equal(onnx.embed(image).features, segmenter.embed(image).features)  # torch, not waiting
+    assert onnx.encoder.runtime is InferenceRuntime.TORCH and list(export_dir.glob("*.onnx")) == []
+    assert onnx.encoder.ready(timeout_s=300), onnx.encoder._fallback
+    assert onnx.encoder.runtime is InferenceRuntime.ONNXRUNTIME
+    assert onnx.encoder.export_seconds is not None and onnx.encoder.export_reason == "none cached"
+    return onnx
 
 
 @pytest.mark.parametrize("name,index", _samples())
@@ -86,6 +96,51 @@ def test_a_cached_export_is_loaded_not_rebuilt(lite_medsam, onnx_segmenter, expo
     again = OnnxImageEncoder(lite_medsam, export_dir)
     assert again.ready() and again.export_seconds is None
     assert [p.name for p in export_dir.glob("*.onnx")] == [export_path(lite_medsam, export_dir).name]
+
+
+def _nice_threads() -> dict[int, int]:
+    """This process's threads: native id -> nice value (Linux /proc)."""
+    threads = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            threads[int(task.name)] = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+        except FileNotFoundError:  # ended meanwhile
+            pass
+    return threads
+
+
+def test_each_priority_encodes_on_threads_of_its_own_priority(onnx_segmenter):
+    """ONNX Runtime's worker threads take their creator's nice value: pre-warm (nice 15) gets a session whose
+    threads run at 15, so its encodes stay behind live calls' as torch's do."""
+    image = dataset.load_image(dataset.splits()["test"][1])
+    reference = onnx_segmenter.embed(image)
+    before = _nice_threads()
+    result = {}
+
+    def low_priority() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+        result["embedding"] = onnx_segmenter.embed(image)
+        result["tid"] = threading.get_native_id()
+
+    thread = threading.Thread(target=low_priority)
+    thread.start()
+    thread.join()
+    assert 15 in onnx_segmenter.encoder._sessions
+    new = {tid: nice for tid, nice in _nice_threads().items() if tid not in before and tid != result["tid"]}
+    assert new and set(new.values()) == {15}  # the new session's worker threads
+    assert torch.allclose(result["embedding"].features, reference.features, atol=1e-5)
+
+
+def test_stopping_the_process_mid_export_ends_the_child_and_leaves_no_file(lite_medsam, tmp_path):
+    encoder = OnnxImageEncoder(lite_medsam, tmp_path)
+    encoder.start()
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".tmp-*.onnx")):  # the child is exporting
+        assert time.monotonic() < deadline and not encoder._ready.is_set()
+        time.sleep(0.1)
+    assert encoder.stop(timeout_s=30)
+    assert encoder._child.returncode != 0 and encoder.runtime is InferenceRuntime.TORCH
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == []
 
 
 # -- the cached export's checks, on a tiny stand-in encoder (fast) ---------------------------------------------------
@@ -176,6 +231,7 @@ def test_a_failed_export_falls_back_and_leaves_no_file(tmp_path, monkeypatch, ca
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(encoder(x), model.sam.image_encoder(x))
+        assert not encoder.ready()
         encoder(x)
     (line,) = _fallback_lines(caplog)
     assert "exporter crashed" in line["reason"]
@@ -184,7 +240,7 @@ def test_a_failed_export_falls_back_and_leaves_no_file(tmp_path, monkeypatch, ca
 
 # -- the setting ----------------------------------------------------------------------------------------------------
 def test_the_setting_is_validated():
-    assert Settings().inference_runtime is InferenceRuntime.TORCH
+    assert Settings().inference_runtime is InferenceRuntime.AUTO
     assert Settings.from_env({"INFERENCE_RUNTIME": "onnxruntime"}).inference_runtime is InferenceRuntime.ONNXRUNTIME
     assert Settings.from_env({"INFERENCE_RUNTIME": " Auto "}).inference_runtime is InferenceRuntime.AUTO
     with pytest.raises(SystemExit, match=r"INFERENCE_RUNTIME='tensorrt' is invalid: .*torch \| onnxruntime \| auto"):
@@ -194,6 +250,8 @@ def test_the_setting_is_validated():
     assert InferenceRuntime.AUTO.resolve("cpu") is InferenceRuntime.ONNXRUNTIME  # installed here
     assert InferenceRuntime.AUTO.resolve("cuda") is InferenceRuntime.TORCH
     assert isinstance(Segmenter(tiny_model(0), runtime="auto", export_dir=Path("unused")).encoder, OnnxImageEncoder)
+    bf16 = Segmenter(tiny_model(0), encoder_bf16=True, runtime="auto", export_dir=Path("unused"))
+    assert isinstance(bf16.encoder, torch.nn.Module)  # bf16 autocast is torch's: auto keeps torch
 
 
 def test_the_server_builds_the_runtime_the_settings_name(tmp_path):
@@ -202,5 +260,7 @@ def test_the_server_builds_the_runtime_the_settings_name(tmp_path):
     settings = Settings(model_dir=tmp_path, inference_runtime=InferenceRuntime.ONNXRUNTIME)
     serving = build_segmenter(settings)
     assert isinstance(serving.encoder, OnnxImageEncoder) and serving.encoder.export_dir == tmp_path / "exports"
+    shared = Settings.from_env({"MODEL_DIR": str(tmp_path), "EXPORT_DIR": str(tmp_path / "shared")})
+    assert build_segmenter(shared).encoder.export_dir == tmp_path / "shared"
     assert isinstance(build_segmenter(settings, serving=False).encoder, torch.nn.Module)  # training: torch
     assert not (tmp_path / "exports").exists()  # exported on first use, not at build

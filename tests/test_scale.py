@@ -22,6 +22,8 @@ from tests import dataset
 from tests.image_server import serve_files
 from tests.label_studio import rect_result
 from tests.services import hold_a_live_call
+from tests.backend_server import shared_exports
+from trainer.inference_runtime import InferenceRuntime
 from trainer.cache import DiskEmbeddings
 from trainer.types import Embedding
 
@@ -71,7 +73,8 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
 
 def make_backend(url: str, model_dir: Path, **settings) -> tuple[SamBackend, object]:
-    config = Settings(label_studio_url=url, label_studio_api_key=TOKEN, model_dir=model_dir, **settings)
+    config = Settings(label_studio_url=url, label_studio_api_key=TOKEN, model_dir=model_dir,
+                      export_dir=shared_exports(), **settings)
     backend = SamBackend(config)
     return backend, create_app(config, backend).test_client()
 
@@ -121,8 +124,10 @@ def test_ten_thousand_tasks_are_answered_within_the_budget(images, tmp_path):
 
 
 def test_prewarm_yields_to_live_calls_and_tasks_created_queues_new_images(images, tmp_path):
+    """(On the torch encoder, whose blocks are pre-warm's pause points; ONNX Runtime's encode cannot pause: pre-warm
+    runs it on worker threads of its own low priority instead, tests/test_runtime_onnx.py.)"""
     with serve_files(images, TOKEN) as url:
-        backend, client = make_backend(url, tmp_path / "models")
+        backend, client = make_backend(url, tmp_path / "models", inference_runtime=InferenceRuntime.TORCH)
         new = [{"id": 50 + i, "data": {"image": p}, "project": 7} for i, p in enumerate(sorted(images)[:3])]
         body = {"action": "TASKS_CREATED", "tasks": new, "project": {"id": 7, "label_config": CONFIG}}
         with backend.prewarmer.live():  # a live call holds the thread back
@@ -179,7 +184,7 @@ def test_prewarm_yields_to_a_live_call_of_another_backend_process(images, tmp_pa
 def test_a_task_opened_in_the_editor_goes_first_in_the_prewarm_queue(images, tmp_path):
     """Label Studio asks /predict for a task when it is opened; one without boxes gets nothing to store, and its
     image jumps the pre-warm queue (ahead of a project's backlog), so the annotator's first box or click finds it
-    embedded."""
+    embedded; tasks just imported come next."""
     paths = sorted(images)
     with serve_files(images, TOKEN) as url:
         backend, client = make_backend(url, tmp_path / "models")
@@ -188,12 +193,18 @@ def test_a_task_opened_in_the_editor_goes_first_in_the_prewarm_queue(images, tmp
             assert backend.prewarm_tasks("7", image_refs(backlog, backend_config(CONFIG))) == 3
             results, _ = predict(client, [box_task(90, paths[8], with_box=False)])  # the task just opened
             assert "result" not in results[0]  # nothing stored: asked again once it has boxes
-            assert [job.task_id for job in backend.prewarmer._queue] == [90, 80, 81, 82]
+            assert [job.task_id for job in backend.prewarmer.queued()] == [90, 80, 81, 82]
             predict(client, [box_task(81, paths[6], with_box=False)])  # opened again: moved, not queued twice
-            assert [job.task_id for job in backend.prewarmer._queue] == [81, 90, 80, 82]
+            assert [job.task_id for job in backend.prewarmer.queued()] == [81, 90, 80, 82]
             predict(client, [box_task(i, paths[i - 80], with_box=False) for i in (83, 84)])  # a batch: not opened
-            assert [job.task_id for job in backend.prewarmer._queue] == [81, 90, 80, 82]
-        assert backend.prewarmer.wait_idle(120) and backend.prewarmer.counts["embedded"] == 4
+            assert [job.task_id for job in backend.prewarmer.queued()] == [81, 90, 80, 82]
+            # tasks just imported: behind the opened ones, ahead of the backlog (moved out of it when there)
+            imported = [{"id": 95, "data": {"image": paths[4]}, "project": 7},
+                        {"id": 82, "data": {"image": paths[7]}, "project": 7}]
+            body = {"action": "TASKS_CREATED", "tasks": imported, "project": {"id": 7, "label_config": CONFIG}}
+            assert client.post("/webhook", json=body).get_json()["queued"] == 1
+            assert [job.task_id for job in backend.prewarmer.queued()] == [81, 90, 95, 82, 80]
+        assert backend.prewarmer.wait_idle(120) and backend.prewarmer.counts["embedded"] == 5
 
 
 def fake_embedding(fill: float) -> Embedding:

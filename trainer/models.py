@@ -28,7 +28,8 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     """A SAM network in eval mode plus how to feed it.
 
-    normalization: "minmax" (LiteMedSAM: per-image min-max to 0..255) or "imagenet" (SAM's pixel mean/std).
+    normalization: "minmax" (LiteMedSAM: per-image min-max to 0..1) or "imagenet" (SAM's pixel mean/std).
+    checkpoint: the file it was loaded from (None: built in code), so another process can load it again.
     """
 
     sam: Sam
@@ -36,6 +37,7 @@ class LoadedModel:
     weights_sha256: str
     input_size: int
     normalization: str
+    checkpoint: Path | None = None
 
     @property
     def box_only(self) -> bool:
@@ -181,4 +183,4 @@ def load_model(variant: str = "lite_medsam", checkpoint: str | Path | None = Non
     sam.eval().to(device)
     for parameter in sam.parameters():
         parameter.requires_grad_(False)
-    return LoadedModel(sam, variant, sha256, input_size, normalization)
+    return LoadedModel(sam, variant, sha256, input_size, normalization, path.resolve())

@@ -1,12 +1,14 @@
-"""The image encoder exported to ONNX and run by ONNX Runtime (INFERENCE_RUNTIME=onnxruntime).
+"""The image encoder exported to ONNX and run by ONNX Runtime (INFERENCE_RUNTIME=onnxruntime, or auto on a CPU).
 
-On first use the served model's encoder (`model.sam.image_encoder`: (1, 3, S, S) float -> features (1, C, G, G),
-LiteMedSAM: S 256, C 256, G 64) is exported locally from the loaded weights with `torch.onnx.export` (no network)
-into MODEL_DIR/exports/image_encoder-<key>.onnx, key = the weights' identity (`LoadedModel.identity`) + the
-onnxruntime, torch and opset versions. The file is written atomically (temporary file + rename) under a flock, so
-two workers starting together export once. It carries its key and a fingerprint of the torch encoder's output on
-a fixed probe input in its metadata; a file whose key differs (stale) or that cannot be loaded or whose probe output
-differs (corrupt) is rebuilt, never served. The probe run on load doubles as the session's warm-up.
+The served model's encoder (`model.sam.image_encoder`: (1, 3, S, S) float -> features (1, C, G, G), LiteMedSAM:
+S 256, C 256, G 64) is exported locally from its weights with `torch.onnx.export` (no network) into
+EXPORT_DIR/image_encoder-<key>.onnx (default MODEL_DIR/exports), key = the weights' identity
+(`LoadedModel.identity`) + the onnxruntime, torch and opset versions. The export runs in the background at start,
+in a child process (`python -m trainer.onnx_encoder`: its ~1 GB of tracing and its CPU time stay out of the
+server, at low priority), while torch serves. The file is written atomically (temporary file + rename) under a
+flock, so two workers starting together export once. It carries its key and a fingerprint of the torch encoder's
+output on a fixed probe input in its metadata; a file whose key differs (stale) or that cannot be loaded or whose
+probe output differs (corrupt) is rebuilt, never served. The probe run on load doubles as the session's warm-up.
 
 Where ONNX Runtime cannot be imported, cannot load or export the model, or fails at run time, the encoder falls
 back to torch with one warning log line (and stays on torch for the life of the process). Fine-tuning and
@@ -15,14 +17,19 @@ float noise.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -35,12 +42,14 @@ from .models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-EXPORT_DIR = "exports"  # under MODEL_DIR
 OPSET = 17
 INPUT, OUTPUT = "image", "features"
 KEY_PROP, PROBE_PROP = "sam_backend.export_key", "sam_backend.probe"
 PROBE_VALUES = 512  # features sampled for the fingerprint
 PROBE_TOLERANCE = 1e-3  # max |ort - torch| on the probe, relative to the features' scale (float noise: ~1e-6)
+EXPORT_TIMEOUT_S = 600.0  # LiteMedSAM: ~7-10 s on 2 cores; a vit_h export takes minutes
+EXPORT_NICENESS = 15  # the export child's priority: the serving process's live calls come first
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where `python -m trainer.onnx_encoder` finds the package
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -83,11 +92,14 @@ def fingerprint(features: np.ndarray) -> list[float]:
 
 def _session(path: Path, threads: int):
     """An ONNX Runtime CPU session on `path`: `threads` intra-op threads, one inter-op, no spinning between runs
-    (idle spinning threads would take the cores from the torch decoder and the other workers)."""
+    (idle spinning threads would take the cores from the torch decoder and the other workers), no memory pattern
+    (LiteMedSAM, 2 cores: resident memory 0.43 GB instead of 0.71 GB a session, at the same speed; a worker holds
+    one session per priority that encodes)."""
     ort = _ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, threads)
     options.inter_op_num_threads = 1
+    options.enable_mem_pattern = False
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -139,19 +151,25 @@ def _write_export(model: LoadedModel, key: str, tmp: Path) -> None:
 def load_or_export(model: LoadedModel, export_dir: Path, threads: int | None = None) -> tuple[object, float | None]:
     """An ONNX Runtime session on the model's checked export, exporting it first when there is none or it is stale
     or corrupt: (session, export seconds, None when the cached file was used). Raises on any failure."""
+    session, seconds, _ = _load_or_export(model, export_dir, threads or torch.get_num_threads())
+    return session, seconds
+
+
+def _load_or_export(model: LoadedModel, export_dir: Path, threads: int) -> tuple[object, float | None, str | None]:
+    """load_or_export, and why it exported (None: it did not)."""
     key = export_key(model)
     path = export_path(model, export_dir)
-    threads = threads or torch.get_num_threads()
     with contextlib.suppress(FileNotFoundError, ExportError):
-        return open_export(path, key, model.input_size, threads), None
+        return open_export(path, key, model.input_size, threads), None, None
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(path.with_name(path.name + ".lock")):
         try:  # another worker may have exported it while this one waited for the lock
-            return open_export(path, key, model.input_size, threads), None
+            return open_export(path, key, model.input_size, threads), None, None
         except FileNotFoundError:
             reason = "none cached"
         except ExportError as exc:
             reason = str(exc)
+        _remove_abandoned(path.parent)
         started = time.perf_counter()
 
         def check(tmp: Path) -> None:
@@ -162,31 +180,103 @@ def load_or_export(model: LoadedModel, export_dir: Path, threads: int | None = N
         seconds = time.perf_counter() - started
         log.info("image encoder exported to ONNX", extra={"model": model.identity, "path": str(path),
                                                            "seconds": round(seconds, 1), "reason": reason})
-    return open_export(path, key, model.input_size, threads), seconds
+    return open_export(path, key, model.input_size, threads), seconds, reason
+
+
+def _remove_abandoned(export_dir: Path) -> None:
+    """Temporary files of exports killed mid-way (SIGKILL: no clean-up ran), older than any export takes."""
+    for tmp in export_dir.glob(".tmp-*.onnx"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > EXPORT_TIMEOUT_S:
+                tmp.unlink()
+
+
+def _niceness() -> int:
+    """The calling thread's nice value (Linux: per thread); 0 where it cannot be read."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        return 0
+
+
+def export_command(model: LoadedModel, export_dir: Path, threads: int) -> list[str] | None:
+    """The child process that exports a model loaded from a checkpoint (None for a hand-built one): the export's
+    memory (~1 GB of tracing for LiteMedSAM) and its time stay out of the serving process."""
+    if model.checkpoint is None:
+        return None
+    return [sys.executable, "-m", __name__, "--variant", model.variant, "--checkpoint", str(model.checkpoint),
+            "--sha256", model.weights_sha256, "--export-dir", str(export_dir), "--threads", str(threads)]
+
+
+def _stop_at_exit(encoder: "weakref.ref[OnnxImageEncoder]") -> None:
+    alive = encoder()
+    if alive is not None:
+        alive.stop()
 
 
 class OnnxImageEncoder:
     """The encoder as ONNX Runtime runs it, called like the torch one: (B, 3, S, S) float -> (B, C, G, G) float32
-    (one run per image: the export has batch 1). Loads or exports on first call (thread-safe); falls back to the
-    torch encoder, with one warning log line, where ONNX Runtime cannot load, export or run it."""
+    (one run per image: the export has batch 1).
 
-    def __init__(self, model: LoadedModel, export_dir: Path, threads: int | None = None) -> None:
+    The torch encoder serves until the export is ready: `start()` (or the first call) checks the cached export, or
+    makes it, in a background thread — in a child process at low priority (`export_command`), in the thread itself
+    for a hand-built model. Falls back to torch for good, with one warning log line, where ONNX Runtime cannot
+    load, export or run it.
+
+    One session per scheduling priority of the threads that call it: ONNX Runtime's worker threads take the nice
+    value of the thread that creates the session, so pre-warm's encodes (nice 15) stay behind live calls' (nice 5),
+    as with torch, whose workers take their caller's. The background thread makes the first session for its own
+    priority (start it from a thread of the priority that serves); another priority's is made on its first call.
+    """
+
+    def __init__(self, model: LoadedModel, export_dir: Path, threads: int | None = None,
+                 export_timeout_s: float = EXPORT_TIMEOUT_S) -> None:
         self.model = model
         self.export_dir = Path(export_dir)
-        self.threads = threads
-        self.export_seconds: float | None = None
-        self._session = None
+        self.threads = threads or torch.get_num_threads()
+        self.export_timeout_s = export_timeout_s
+        self.export_seconds: float | None = None  # None: the cached export was used
+        self.export_reason: str | None = None  # why it was exported: none cached, stale, corrupt
+        self._sessions: dict[int, object] = {}
         self._fallback: str | None = None
         self._lock = threading.Lock()
+        self._ready = threading.Event()  # set once a session exists or the encoder fell back
+        self._thread: threading.Thread | None = None
+        self._child: subprocess.Popen | None = None
+        self._stopping = False
 
     @property
     def runtime(self) -> InferenceRuntime:
-        """What runs the encoder now: onnxruntime, or torch after a fallback."""
-        return InferenceRuntime.TORCH if self._fallback else InferenceRuntime.ONNXRUNTIME
+        """What runs the encoder now: onnxruntime once its session is ready, torch before and after a fallback."""
+        return InferenceRuntime.ONNXRUNTIME if self._sessions and not self._fallback else InferenceRuntime.TORCH
 
-    def ready(self) -> bool:
-        """Load (or export) now; False when the encoder fell back to torch."""
-        return self._get() is not None
+    def start(self) -> None:
+        """Begin checking or making the export in the background (once; the first call does it otherwise). The
+        process's exit stops it (`stop`): a thread still inside ONNX Runtime or torch when the interpreter
+        finalizes aborts the process."""
+        with self._lock:
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._prepare, name="onnx-export", daemon=True)
+                self._thread.start()
+                atexit.register(_stop_at_exit, weakref.ref(self))
+
+    def ready(self, timeout_s: float | None = None) -> bool:
+        """Wait until ONNX Runtime serves (True) or the encoder has fallen back to torch (False)."""
+        self.start()
+        self._ready.wait(timeout_s)
+        return self._session() is not None
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """At the process's exit: end an export child (it removes its temporary file) and the background thread.
+        Returns whether the thread has ended."""
+        with self._lock:
+            self._stopping = True
+            child, thread = self._child, self._thread
+        if child is not None and child.poll() is None:
+            child.terminate()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+        return thread is None or not thread.is_alive()
 
     def _fall_back(self, reason: str) -> None:
         if self._fallback is None:
@@ -194,20 +284,78 @@ class OnnxImageEncoder:
             log.warning("onnxruntime unavailable for the image encoder: falling back to torch",
                         extra={"runtime": "onnxruntime", "fallback": "torch", "model": self.model.identity,
                                "reason": reason[:500]})
+        self._ready.set()
 
-    def _get(self):
-        if self._session is not None or self._fallback:
-            return self._session
+    def _prepare(self) -> None:
+        """The background thread: the cached export, checked, or a new one; then this priority's session."""
+        try:
+            key, path = export_key(self.model), export_path(self.model, self.export_dir)
+            try:
+                session = open_export(path, key, self.model.input_size, self.threads)
+            except (FileNotFoundError, ExportError):
+                command = export_command(self.model, self.export_dir, self.threads)
+                if command is None:
+                    session, self.export_seconds, self.export_reason = _load_or_export(
+                        self.model, self.export_dir, self.threads)
+                else:
+                    self.export_seconds = self._export_in_child(command)
+                    session = open_export(path, key, self.model.input_size, self.threads)
+            with self._lock:
+                self._sessions[_niceness()] = session
+            log.info("image encoder on onnxruntime", extra={
+                "model": self.model.identity, "path": str(path), "exported": self.export_reason,
+                "export_s": None if self.export_seconds is None else round(self.export_seconds, 1)})
+            self._ready.set()
+        except Exception as exc:  # ImportError, export or load failures: torch serves instead
+            if self._stopping:  # the process exits: nothing to say
+                self._fallback = "stopped"
+                self._ready.set()
+            else:
+                self._fall_back(f"{type(exc).__name__}: {exc}")
+
+    def _export_in_child(self, command: list[str]) -> float:
+        """Run the export child; its seconds. Raises ExportError when it fails, is stopped or takes too long."""
+        started = time.perf_counter()
         with self._lock:
-            if self._session is None and not self._fallback:
-                try:
-                    self._session, self.export_seconds = load_or_export(self.model, self.export_dir, self.threads)
-                except Exception as exc:  # ImportError, export or load failures: torch serves instead
-                    self._fall_back(f"{type(exc).__name__}: {exc}")
-        return self._session
+            if self._stopping:
+                raise ExportError("the process is stopping")
+            self._child = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True)
+        try:
+            stdout, stderr = self._child.communicate(timeout=self.export_timeout_s)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            self._child.communicate()
+            raise ExportError(f"the export took more than {self.export_timeout_s:.0f} s") from None
+        if self._child.returncode != 0:
+            raise ExportError(f"the export process exited with {self._child.returncode}: {stderr.strip()[-400:]}")
+        self.export_reason = json.loads(stdout.strip().splitlines()[-1]).get("reason")
+        return time.perf_counter() - started
+
+    def _session(self):
+        """The session for the calling thread's priority (made on its first call); None while the export is not
+        ready and after a fallback."""
+        if self._fallback:
+            return None
+        if not self._ready.is_set():
+            self.start()
+            return None
+        nice = _niceness()
+        session = self._sessions.get(nice)
+        if session is None:
+            with self._lock:
+                session = self._sessions.get(nice)
+                if session is None and not self._fallback:
+                    try:
+                        session = open_export(export_path(self.model, self.export_dir), export_key(self.model),
+                                              self.model.input_size, self.threads)
+                        self._sessions[nice] = session
+                    except Exception as exc:
+                        self._fall_back(f"{type(exc).__name__}: {exc}")
+        return session
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        session = self._get()
+        session = self._session()
         if session is not None:
             try:
                 batch = x.detach().float().cpu().numpy()
@@ -215,7 +363,8 @@ class OnnxImageEncoder:
                 return torch.from_numpy(np.concatenate(out)).to(x.device)
             except Exception as exc:
                 self._fall_back(f"run failed: {type(exc).__name__}: {exc}")
-                self._session = None
+                with self._lock:
+                    self._sessions.clear()
         return self.model.sam.image_encoder(x)
 
 
@@ -233,3 +382,32 @@ def image_encoder(model: LoadedModel, runtime: InferenceRuntime | str = Inferenc
     if _encoder_device(model).type != "cpu":
         encoder._fall_back(f"the model runs on {_encoder_device(model)}; onnxruntime serves CPU models only")
     return encoder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The export child (`export_command`): load the checkpoint on the CPU, check or make its export, print
+    {"seconds", "reason"} as one JSON line. SIGTERM ends it cleanly (its temporary file removed)."""
+    import argparse
+
+    from .models import load_model
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.onnx_encoder", description=main.__doc__)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--sha256", required=True)
+    parser.add_argument("--export-dir", required=True, type=Path)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with contextlib.suppress(OSError):
+        os.nice(EXPORT_NICENESS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.variant, args.checkpoint, args.sha256, "cpu")
+    _, seconds, reason = _load_or_export(model, args.export_dir, torch.get_num_threads())
+    print(json.dumps({"seconds": seconds, "reason": reason}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

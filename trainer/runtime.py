@@ -16,7 +16,7 @@ from .calibration import Calibration
 from .clicks import STRATEGIES, ClickHistory
 from .inference_runtime import InferenceRuntime
 from .models import LoadedModel
-from .onnx_encoder import image_encoder
+from .onnx_encoder import OnnxImageEncoder, image_encoder
 from .quality import expected_iou, measure_quality
 from .types import Box, Embedding, Mask, Point, Prompts
 
@@ -61,8 +61,8 @@ class Segmenter:
     use (a project's fine-tuned one, see `fine_tuned_decoder`), the base model's when None.
 
     `runtime` runs the image encoder (INFERENCE_RUNTIME): torch, or onnxruntime with its export cached under
-    `export_dir` (MODEL_DIR/exports; `trainer.onnx_encoder`, which falls back to torch where it cannot run).
-    ENCODER_BF16 applies to torch only: the ONNX Runtime encoder runs in fp32.
+    `export_dir` (MODEL_DIR/exports; `trainer.onnx_encoder`: torch serves until the export is ready, and where it
+    cannot run). ENCODER_BF16 applies to torch only: auto then means torch; onnxruntime named runs in fp32.
     """
 
     def __init__(self, model: LoadedModel, encoder_bf16: bool = False, decoder_bf16: bool = False,
@@ -72,7 +72,19 @@ class Segmenter:
         self.encoder_bf16 = encoder_bf16
         self.decoder_bf16 = decoder_bf16
         self.window_margin = window_margin
+        if encoder_bf16 and InferenceRuntime(runtime) is InferenceRuntime.AUTO:
+            runtime = InferenceRuntime.TORCH
         self.encoder = image_encoder(model, runtime, export_dir)
+
+    def start(self) -> None:
+        """Prepare the encoder's runtime in the background (an ONNX export's check or build; nothing for torch).
+        Call it from a thread of the priority that serves: the runtime's worker threads take it."""
+        if isinstance(self.encoder, OnnxImageEncoder):
+            self.encoder.start()
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """At the process's exit: end that background work. Returns whether it has ended."""
+        return self.encoder.stop(timeout_s) if isinstance(self.encoder, OnnxImageEncoder) else True
 
     @property
     def encoder_identity(self) -> str:
