@@ -4,7 +4,7 @@ interleaved image by image so machine noise hits them alike), and the box-prompt
 (the same torch decoder on each runtime's features; mean and worst 5 %) on both shared datasets' test images; the
 first export's seconds and a cached export's load seconds (the session plus its probe check).
 
-Runtimes: torch fp32; onnxruntime fp32 (INFERENCE_RUNTIME=onnxruntime: trainer/onnx_encoder.py); and, not offered
+Runtimes: torch fp32; onnxruntime fp32 (INFERENCE_RUNTIME=onnxruntime: trainer/onnx_encoder.py, trainer/onnx_export.py); and, not offered
 by the setting, onnxruntime with int8 dynamic quantisation of the MatMuls (onnxruntime.quantization).
 
 How the server gets there (INFERENCE_RUNTIME=auto, the default): `background_export_s`, from a fresh folder, is the
@@ -34,8 +34,9 @@ from ml_backend.settings import Settings
 from trainer.click_eval import iou
 from trainer.data import load_coco
 from trainer.models import load_model
-from trainer.onnx_encoder import (INPUT, OUTPUT, OnnxImageEncoder, _session, export_key, export_path,
-                                   load_or_export, open_export)
+from trainer.onnx_encoder import OnnxImageEncoder
+from trainer.onnx_export import (INPUT, OUTPUT, _session, export_key, export_path, load_or_export,
+                                  open_export)
 from trainer.runtime import Segmenter, preprocess
 from trainer.types import Box, Embedding, Prompts
 

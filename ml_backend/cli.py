@@ -124,7 +124,7 @@ def _train_options(train: argparse.ArgumentParser, settings: Settings) -> None:
     train.add_argument("--box-jitter", type=float, default=defaults.box_jitter)
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--margin", type=float, default=defaults.margin,
-                       help="val mIoU the new decoder must gain over the active one to be promoted")
+                       help="gate-set mIoU the new decoder must gain over the active one to be promoted")
     train.add_argument("--val-fraction", type=float, default=0.2, help="hash split when the data has none")
     train.add_argument("--keep-last", type=int, default=settings.keep_versions,
                        help="versions kept by pruning (plus the active one; default: $KEEP_VERSIONS)")

@@ -22,11 +22,12 @@ import torch
 from ml_backend.logs import JsonFormatter
 from ml_backend.settings import Settings
 from tests import dataset
-from trainer import onnx_encoder
+from trainer import onnx_encoder, onnx_export
 from trainer.data import load_coco
 from trainer.inference_runtime import InferenceRuntime
 from trainer.models import LoadedModel
-from trainer.onnx_encoder import OnnxImageEncoder, export_path, load_or_export
+from trainer.onnx_encoder import OnnxImageEncoder
+from trainer.onnx_export import export_path, load_or_export
 from trainer.runtime import Segmenter
 from trainer.types import Box, Prompts
 
@@ -189,15 +190,15 @@ def test_a_corrupt_export_is_rebuilt(tmp_path, damage):
             values = onnx.numpy_helper.to_array(weight) * 1.5
             weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
         else:
-            kept = [p for p in graph.metadata_props if p.key != onnx_encoder.PROBE_PROP]
+            kept = [p for p in graph.metadata_props if p.key != onnx_export.PROBE_PROP]
             del graph.metadata_props[:]
             graph.metadata_props.extend(kept)
         onnx.save(graph, str(path))
-    with pytest.raises(onnx_encoder.ExportError):
-        onnx_encoder.open_export(path, onnx_encoder.export_key(model), 32, 1)
+    with pytest.raises(onnx_export.ExportError):
+        onnx_export.open_export(path, onnx_export.export_key(model), 32, 1)
     session, seconds = load_or_export(model, tmp_path)
     assert seconds is not None and _serves(model, session)
-    onnx_encoder.open_export(path, onnx_encoder.export_key(model), 32, 1)  # the file on disk is good again
+    onnx_export.open_export(path, onnx_export.export_key(model), 32, 1)  # the file on disk is good again
 
 
 # -- the fallback to torch ----------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_a_failed_export_falls_back_and_leaves_no_file(tmp_path, monkeypatch, ca
         tmp.write_bytes(b"half an export")
         raise RuntimeError("exporter crashed")
 
-    monkeypatch.setattr(onnx_encoder, "_write_export", broken)
+    monkeypatch.setattr(onnx_export, "_write_export", broken)
     model = tiny_model(0)
     encoder = OnnxImageEncoder(model, tmp_path)
     x = torch.rand(2, 3, 32, 32)

@@ -113,7 +113,7 @@ class Variant:
     """One SAM variant: only what differs between them.
 
     image_encoder(input_size) builds its encoder, with SAM's prompt encoder and mask decoder around it;
-    None: segment-anything's own builder of that name. normalization: "minmax" (per-image min-max to 0..255)
+    None: segment-anything's own builder of that name. normalization: "minmax" (per-image min-max to 0..1)
     or "imagenet" (SAM's pixel mean/std)."""
 
     input_size: int = 1024
