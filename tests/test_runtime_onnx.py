@@ -172,6 +172,23 @@ def test_a_stale_export_is_rebuilt(tmp_path):
     assert seconds is None  # and then used
 
 
+def test_an_export_replaces_the_same_weights_exports_unused_for_a_week(tmp_path):
+    model, other = tiny_model(0), tiny_model(1)
+    prefix = export_path(model, tmp_path).name.split("-ort")[0]
+    old_version = tmp_path / f"{prefix}-ort1.0.0-torch2.0-opset17.onnx"  # an upgrade ago, a week unused
+    recent = tmp_path / f"{prefix}-ort1.1.0-torch2.0-opset17.onnx"  # another install sharing the folder uses it
+    abandoned = tmp_path / ".tmp-killed.onnx"  # an export killed mid-way, an hour ago
+    another_model = export_path(other, tmp_path).name.split("-ort")[0] + "-ort1.0.0-torch2.0-opset17.onnx"
+    for path, age_s in ((old_version, 8 * 86400), (recent, 86400), (abandoned, 3600),
+                        (tmp_path / another_model, 30 * 86400)):
+        path.write_bytes(b"an export")
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+    load_or_export(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == sorted(
+        [export_path(model, tmp_path).name, recent.name, another_model])
+    assert not abandoned.exists()
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "weights", "no fingerprint"])
 def test_a_corrupt_export_is_rebuilt(tmp_path, damage):
     import onnx

@@ -38,6 +38,7 @@ PROBE_VALUES = 512  # features sampled for the fingerprint
 PROBE_TOLERANCE = 1e-3  # max |ort - torch| on the probe, relative to the features' scale (float noise: ~1e-6)
 EXPORT_TIMEOUT_S = 600.0  # LiteMedSAM: ~7-10 s on 2 cores; a vit_h export takes minutes
 EXPORT_NICENESS = 15  # the export child's priority: the serving process's live calls come first
+UNUSED_EXPORT_S = 7 * 86400.0  # another version's export of the same weights, unused this long, is removed
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where `python -m trainer.onnx_export` finds the package
 
 
@@ -56,9 +57,13 @@ def export_key(model: LoadedModel) -> str:
     return f"{model.identity}-ort{_ort().__version__}-torch{torch.__version__}-opset{OPSET}"
 
 
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
 def export_path(model: LoadedModel, export_dir: Path) -> Path:
     """export_dir/image_encoder-<key>.onnx (the key with anything but [A-Za-z0-9._-] as _)."""
-    return Path(export_dir) / f"image_encoder-{re.sub(r'[^A-Za-z0-9._-]', '_', export_key(model))}.onnx"
+    return Path(export_dir) / f"image_encoder-{_safe(export_key(model))}.onnx"
 
 
 def _encoder_device(model: LoadedModel) -> torch.device:
@@ -113,6 +118,8 @@ def open_export(path: Path, key: str, input_size: int, threads: int):
     error = float(np.abs(got - expected).max())
     if not error <= PROBE_TOLERANCE * max(1.0, float(np.abs(expected).max())):  # also catches NaN
         raise ExportError(f"{Path(path).name} is corrupt: probe output differs from torch's by {error:.3g}")
+    with contextlib.suppress(OSError):
+        os.utime(path)  # used: `_remove_leftovers` keeps it
     return session
 
 
@@ -156,7 +163,7 @@ def _load_or_export(model: LoadedModel, export_dir: Path, threads: int) -> tuple
             reason = "none cached"
         except ExportError as exc:
             reason = str(exc)
-        _remove_abandoned(path.parent)
+        _remove_leftovers(path, model)
         started = time.perf_counter()
 
         def check(tmp: Path) -> None:
@@ -170,12 +177,19 @@ def _load_or_export(model: LoadedModel, export_dir: Path, threads: int) -> tuple
     return open_export(path, key, model.input_size, threads), seconds, reason
 
 
-def _remove_abandoned(export_dir: Path) -> None:
-    """Temporary files of exports killed mid-way (SIGKILL: no clean-up ran), older than any export takes."""
-    for tmp in export_dir.glob(".tmp-*.onnx"):
+def _remove_leftovers(path: Path, model: LoadedModel) -> None:
+    """Before making `path`: temporary files of exports killed mid-way (SIGKILL: no clean-up ran) older than any
+    export takes, and the same weights' exports for other versions (onnxruntime, torch, opset upgraded) that no
+    process has loaded for UNUSED_EXPORT_S (`open_export` marks a file used; another install may share the
+    folder)."""
+    now = time.time()
+    same_weights = f"image_encoder-{_safe(model.identity)}-*.onnx"
+    for old, unused_s in [*((tmp, EXPORT_TIMEOUT_S) for tmp in path.parent.glob(".tmp-*.onnx")),
+                          *((other, UNUSED_EXPORT_S) for other in path.parent.glob(same_weights) if other != path)]:
         with contextlib.suppress(OSError):
-            if time.time() - tmp.stat().st_mtime > EXPORT_TIMEOUT_S:
-                tmp.unlink()
+            if now - old.stat().st_mtime > unused_s:
+                old.unlink()
+                old.with_name(old.name + ".lock").unlink(missing_ok=True)
 
 
 def export_command(model: LoadedModel, export_dir: Path, threads: int) -> list[str] | None:
