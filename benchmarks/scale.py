@@ -198,11 +198,12 @@ def measure(runtime: str, tmp: Path, ls) -> dict:
 
 
 def main() -> None:
+    at_start = machine()
     with tempfile.TemporaryDirectory() as tmp, start_label_studio(Path(tmp) / "ls") as ls:
         runs = {runtime: measure(runtime, Path(tmp), ls) for runtime in ("torch", "auto")}
     torch_run, auto_run = runs["torch"], runs["auto"]
     result = {
-        "machine": machine(),
+        "machine": at_start,
         "setup": f"{PER_SET} new distinct images per measurement (dsb2018 train images and their flips), one box "
                  "each; SamBackend in one process (one worker), default model lite_medsam; torch, then auto (the "
                  "default: ONNX Runtime on this CPU) in the same run",
