@@ -14,7 +14,6 @@ from typing import Iterable, Iterator
 
 import torch
 from trainer.cache import EmbeddingCache, image_key
-from trainer.inference_runtime import EncodeInterrupted
 from trainer.runtime import Segmenter
 
 from .fetch import ImageError, ImageFetcher
@@ -48,9 +47,8 @@ class Prewarmer:
     and with `host` those of every backend process of the host): it starts an image only while none runs, and
     a torch encode already running pauses at the next encoder block (a forward pre-hook on every block) until they
     are done, unless a live call of this process waits for that very image (the cache is single-flight: it then
-    finishes it for them). An ONNX Runtime encode cannot pause: a watcher thread stops it instead (`_watch`) and the
-    image is encoded again once the live calls are done; it runs on worker threads of the thread's own low priority
-    (trainer/onnx_encoder.py).
+    finishes it for them). An ONNX Runtime encode cannot pause: it runs on worker threads of the thread's own low
+    priority (trainer/onnx_encoder.py), so live calls' threads still come first.
     """
 
     def __init__(self, segmenter: Segmenter, cache: EmbeddingCache, max_queue: int, batch: int = 1,
@@ -68,8 +66,6 @@ class Prewarmer:
         self._busy = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._watcher: threading.Thread | None = None  # stops an encode that cannot pause (`_watch`)
-        self._encoding = False
         self._current_keys: tuple[str, ...] = ()
         self._stopping = False
         for module in segmenter.model.sam.image_encoder.modules():
@@ -173,16 +169,13 @@ class Prewarmer:
 
     def stop(self, timeout_s: float = 10.0) -> bool:
         """Stop the thread (at the process's exit): the queue is dropped and an encode in progress is abandoned at
-        its next encoder block (torch) or at once (ONNX Runtime). Returns whether the thread has ended within
-        `timeout_s`."""
+        its next encoder block. Returns whether the thread has ended within `timeout_s`."""
         with self._cond:
             self._stopping = True
             self._soon.clear()
             self._backlog.clear()
             self._cond.notify_all()
         thread = self._thread
-        if thread is not None:
-            self.segmenter.interrupt(thread.ident)  # an ONNX Runtime encode ends at once
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
         return thread is None or not thread.is_alive()
@@ -193,9 +186,6 @@ class Prewarmer:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="prewarm", daemon=True)
             self._thread.start()
-        if self.segmenter.interruptible and (self._watcher is None or not self._watcher.is_alive()):
-            self._watcher = threading.Thread(target=self._watch, name="prewarm-watch", daemon=True)
-            self._watcher.start()
 
     def _run(self) -> None:
         try:  # Linux: a thread's nice value is its own, and the torch workers it starts inherit it
@@ -211,38 +201,19 @@ class Prewarmer:
                 jobs = [(self._soon or self._backlog).popleft()
                         for _ in range(min(self.batch, len(self._soon) + len(self._backlog)))]
                 self._busy = True
-            again: list[ImageJob] = []
             try:
-                again = self._warm(jobs)
+                self._warm(jobs)
             except _Stopping:
                 return
             finally:
                 with self._cond:
-                    self._soon.extendleft(reversed(again))  # interrupted for a live call: first when it ends
                     for job in jobs:
-                        if job not in again:
-                            self._pending.discard((id(job.loader), job.url))
+                        self._pending.discard((id(job.loader), job.url))
                     self._busy = False
                     self._cond.notify_all()
 
-    def _watch(self) -> None:
-        """While pre-warm runs an encode that cannot pause (ONNX Runtime), stop it when a live call starts here or
-        in another backend process of the host, unless a live call waits for that very image; the image goes back
-        to the front of the queue."""
-        while True:
-            with self._cond:
-                while not self._encoding and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-            if (self._held_back() and self._thread is not None
-                    and not any(self.cache.waited_for(k) for k in self._current_keys)):
-                self.segmenter.interrupt(self._thread.ident)
-            time.sleep(POLL_S)
-
-    def _warm(self, jobs: list[ImageJob]) -> list[ImageJob]:
-        """Load the images; embed the ones not cached (one forward for all of them when batching). Returns the jobs
-        to run again (their encode was interrupted for a live call)."""
+    def _warm(self, jobs: list[ImageJob]) -> None:
+        """Load the images; embed the ones not cached (one forward for all of them when batching)."""
         started = time.perf_counter()
         new = []
         for job in jobs:
@@ -258,11 +229,8 @@ class Prewarmer:
             else:
                 new.append((job, image, key))
         if not new:
-            return []
+            return
         self._current_keys = tuple(key for _, _, key in new)
-        with self._cond:
-            self._encoding = True
-            self._cond.notify_all()
         try:
             if len(new) == 1:  # single-flight with live calls that want the same image
                 (_, image, key), = new
@@ -271,20 +239,14 @@ class Prewarmer:
                 for (_, _, key), embedding in zip(new, self.segmenter.embed_many([image for _, image, _ in new])):
                     self.cache.put(key, embedding, keep_in_memory=False)
             outcome = "embedded"
-        except EncodeInterrupted:
-            self.counts["interrupted"] += 1
-            return [job for job, _, _ in new]
         except Exception as exc:  # never let one image stop the thread
             log.exception("prewarm error", extra={"tasks": [job.task_id for job, _, _ in new],
                                                   "error": type(exc).__name__})
             outcome = "failed"
         finally:
             self._current_keys = ()
-            with self._cond:
-                self._encoding = False
         for job, _, _ in new:
             self._done(job, outcome, started)
-        return []
 
     def _done(self, job: ImageJob, outcome: str, started: float) -> None:
         self.counts[outcome] += 1

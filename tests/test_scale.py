@@ -23,8 +23,8 @@ from tests.image_server import serve_files
 from tests.label_studio import rect_result
 from tests.services import hold_a_live_call
 from tests.backend_server import shared_exports
-from trainer.cache import DiskEmbeddings, EmbeddingCache
-from trainer.inference_runtime import EncodeInterrupted, InferenceRuntime
+from trainer.inference_runtime import InferenceRuntime
+from trainer.cache import DiskEmbeddings
 from trainer.types import Embedding
 
 TOKEN = "scale-token"
@@ -160,63 +160,6 @@ def test_prewarm_yields_to_live_calls_and_tasks_created_queues_new_images(images
             time.sleep(4.0)  # three encodes' time
             assert backend.prewarmer.counts["embedded"] == 3 and backend.prewarmer.status()["running"]
         assert backend.prewarmer.wait_idle(60) and backend.prewarmer.counts["embedded"] == 4
-
-
-def test_prewarm_stops_an_onnxruntime_encode_for_a_live_call_and_encodes_the_image_again(images, tmp_path):
-    """An ONNX Runtime encode (the default runtime on a CPU) cannot pause at a block: pre-warm's watcher stops it
-    when a live call starts, and the image is encoded again once the call has ended."""
-    with serve_files(images, TOKEN) as url:
-        backend, _ = make_backend(url, tmp_path / "models")
-        assert backend.segmenter.encoder.ready(300), "the default runtime on this CPU is ONNX Runtime"
-        prewarmer = backend.prewarmer
-        backend.prewarm_tasks("7", image_refs([{"id": 65, "data": {"image": sorted(images)[4]}}], backend_config(CONFIG)))
-        deadline = time.monotonic() + 30
-        while not prewarmer._encoding:
-            assert time.monotonic() < deadline, "the pre-warm encode did not start"
-            time.sleep(0.005)
-        with prewarmer.live():
-            deadline = time.monotonic() + 5
-            while not prewarmer.counts["interrupted"]:
-                assert time.monotonic() < deadline, "the encode was not stopped"
-                time.sleep(0.01)
-            time.sleep(1.5)  # an encode's time: held back, not started again
-            assert prewarmer.status()["queued"] == 1 and not prewarmer._encoding and not prewarmer.counts["embedded"]
-        assert prewarmer.wait_idle(60) and prewarmer.counts["embedded"] == 1 and prewarmer.counts["interrupted"] == 1
-
-
-def test_a_computation_its_owner_gives_up_is_computed_by_its_waiter():
-    """Single flight: a live call waiting for the image pre-warm encodes gets the embedding even when pre-warm's
-    encode is interrupted (it computes it itself)."""
-    cache = EmbeddingCache(64)
-    started, release = threading.Event(), threading.Event()
-
-    def interrupted() -> Embedding:
-        started.set()
-        release.wait(5)
-        raise EncodeInterrupted()
-
-    result = {}
-
-    def own() -> None:
-        try:
-            cache.get_or_compute("k", interrupted)
-        except EncodeInterrupted:
-            result["owner"] = "interrupted"
-
-    owner = threading.Thread(target=own)
-    owner.start()
-    assert started.wait(5)
-    waiter = threading.Thread(target=lambda: result.update(value=cache.get_or_compute("k", lambda: fake_embedding(3))))
-    waiter.start()
-    deadline = time.monotonic() + 5
-    while not cache.waited_for("k"):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    release.set()
-    owner.join(5)
-    waiter.join(5)
-    embedding, cached = result["value"]
-    assert result["owner"] == "interrupted" and float(embedding.features[0, 0, 0, 0]) == 3.0 and not cached
 
 
 def test_prewarm_yields_to_a_live_call_of_another_backend_process(images, tmp_path):

@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 
 from .files import write_atomic
-from .inference_runtime import EncodeInterrupted
 from .types import Embedding
 
 log = logging.getLogger(__name__)
@@ -172,14 +171,11 @@ class EmbeddingCache:
         if not owner:
             try:
                 return future.result(), True
-            except EncodeInterrupted:
-                pass  # its owner (pre-warm) gave it up for a live call: computed here, below
             finally:
                 with self._lock:
                     self._waiters[key] -= 1
                     if not self._waiters[key]:
                         del self._waiters[key]
-            return self.get_or_compute(key, compute, keep_in_memory)
         try:
             embedding = self.disk.get(key) if self.disk else None
             computed = embedding is None

@@ -1,4 +1,4 @@
-"""Which runtime runs the image encoder (INFERENCE_RUNTIME): torch, ONNX Runtime, or auto; an encode interrupted.
+"""Which runtime runs the image encoder (INFERENCE_RUNTIME): torch, ONNX Runtime, or auto.
 
 Light on purpose (no torch, no onnxruntime at import time): the settings table declares its value with it.
 """
@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 from enum import Enum
-
-
-class EncodeInterrupted(RuntimeError):
-    """An encode stopped on purpose before its end (pre-warm making way for a live call, `OnnxImageEncoder.interrupt`):
-    whoever needs its result computes it again."""
 
 
 class InferenceRuntime(str, Enum):

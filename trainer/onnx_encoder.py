@@ -22,10 +22,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .inference_runtime import EncodeInterrupted, InferenceRuntime
+from .inference_runtime import InferenceRuntime
 from .models import LoadedModel
 from .onnx_export import (EXPORT_TIMEOUT_S, INPUT, OUTPUT, REPO_ROOT, ExportError, _encoder_device, _load_or_export,
-                          _ort, export_command, export_key, export_path, open_export)
+                          export_command, export_key, export_path, open_export)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ class OnnxImageEncoder:
         self._thread: threading.Thread | None = None
         self._child: subprocess.Popen | None = None
         self._stopping = False
-        self._runs: dict[int, object] = {}  # thread ident -> the RunOptions of the encode it runs now
 
     @property
     def runtime(self) -> InferenceRuntime:
@@ -110,16 +109,6 @@ class OnnxImageEncoder:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
         return thread is None or not thread.is_alive()
-
-    def interrupt(self, thread_id: int) -> bool:
-        """Stop the encode thread `thread_id` runs now, at ONNX Runtime's next node (milliseconds): that call raises
-        EncodeInterrupted. False when the thread runs none. (Pre-warm's encodes make way for live calls this way:
-        an ONNX Runtime encode cannot pause, and low-priority threads alone do not keep it off a live call's cores.)"""
-        options = self._runs.get(thread_id)
-        if options is None:
-            return False
-        options.terminate = True
-        return True
 
     def _fall_back(self, reason: str) -> None:
         if self._fallback is None:
@@ -200,20 +189,14 @@ class OnnxImageEncoder:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         session = self._session()
         if session is not None:
-            ident = threading.get_ident()
-            options = self._runs[ident] = _ort().RunOptions()
             try:
                 batch = x.detach().float().cpu().numpy()
-                out = [session.run([OUTPUT], {INPUT: batch[i:i + 1]}, options)[0] for i in range(batch.shape[0])]
+                out = [session.run([OUTPUT], {INPUT: batch[i:i + 1]})[0] for i in range(batch.shape[0])]
                 return torch.from_numpy(np.concatenate(out)).to(x.device)
             except Exception as exc:
-                if options.terminate:
-                    raise EncodeInterrupted() from None
                 self._fall_back(f"run failed: {type(exc).__name__}: {exc}")
                 with self._lock:
                     self._sessions.clear()
-            finally:
-                self._runs.pop(ident, None)
         return self.model.sam.image_encoder(x)
 
 

@@ -82,16 +82,6 @@ class Segmenter:
         if isinstance(self.encoder, OnnxImageEncoder):
             self.encoder.start()
 
-    def interrupt(self, thread_id: int) -> bool:
-        """Stop the encode that thread runs now, where the runtime can (ONNX Runtime: its call raises
-        EncodeInterrupted); False where it cannot (torch: pause it at a block instead) or runs none."""
-        return isinstance(self.encoder, OnnxImageEncoder) and self.encoder.interrupt(thread_id)
-
-    @property
-    def interruptible(self) -> bool:
-        """Whether `interrupt` can stop an encode (the ONNX Runtime encoder)."""
-        return isinstance(self.encoder, OnnxImageEncoder)
-
     def stop(self, timeout_s: float = 10.0) -> bool:
         """At the process's exit: end that background work. Returns whether it has ended."""
         return self.encoder.stop(timeout_s) if isinstance(self.encoder, OnnxImageEncoder) else True
